@@ -1,0 +1,351 @@
+"""The dataset/experiment catalog: the built-in `catalog.yaml`, with EMOPIPE_CATALOG merged over it.
+
+Every entry is validated when the catalog loads; a mistake raises CatalogError naming the file,
+the key and the allowed values, so `dagster definitions validate` shows it without a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+BUILTIN_CATALOG = Path(__file__).with_name("catalog.yaml")
+
+SOURCES = ("synthetic", "folder", "archive", "url_list")
+SPLIT_SCHEMES = ("70/15/15", "80/10/10", "official", "a/b/c summing to 100")
+MODES = ("finetune", "linear_probe")
+TASKS = ("classification", "regression")
+OPTIMIZERS = ("adamw", "sgd", "adagrad")
+SCHEDULES = ("cosine", "plateau", "none")
+PRETRAINED_KINDS = ("none", "timm", "efficientnet_lite0", "a path to a weights file")
+
+
+class CatalogError(ValueError):
+    """A user mistake in a catalog file: the message names file, key and allowed values."""
+
+
+@dataclass(frozen=True)
+class TextThresholds:
+    """When an image counts as containing text (see README, 'Text filter')."""
+
+    min_confidence: float = 0.4  # EasyOCR recognition confidence of the best box
+    min_area: float = 0.001  # fraction of the image covered by boxes that pass min_confidence
+    min_chars: int = 2  # alphanumeric characters in the boxes that pass
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    source: str
+    path: str | None = None  # folder: root folder (class-per-subfolder or manifest-relative paths)
+    labels: str | None = None  # folder/archive: CSV manifest path,label[,attrs]; url_list: CSV url,label[,attrs]
+    url: str | None = None  # archive: http(s) URL; url_list: URL of the CSV (or use `labels`)
+    sha256: str | None = None  # archive: required checksum of the archive
+    classes: tuple[str, ...] | None = None  # fixes class order; labels outside it are rejected
+    class_map: dict[str, str] = field(default_factory=dict)  # raw label -> class ('*' = every other)
+    split_column: str = "split"  # attribute holding the official part (train/val/test)
+    n_per_class: int = 100  # synthetic only
+    seed: int = 0  # synthetic only
+    text_thresholds: TextThresholds | None = None
+    description: str = ""
+    origin: str = ""  # the catalog file that defined it
+
+
+@dataclass(frozen=True)
+class EvalDataset:
+    dataset: str
+    class_map: dict[str, str] = field(default_factory=dict)  # that dataset's label -> our class
+
+
+@dataclass(frozen=True)
+class Reference:
+    metric: str
+    value: float
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class ExperimentSpec:
+    name: str
+    dataset: str
+    eval_datasets: tuple[EvalDataset, ...] = ()
+    image_size: int = 224
+    text_filter: bool = True
+    text_thresholds: TextThresholds | None = None  # None: the dataset's, else the defaults
+    split: str = "70/15/15"
+    seed: int = 0
+    model: str = "tf_efficientnet_lite0"
+    pretrained: str = "efficientnet_lite0"
+    mode: str = "finetune"
+    task: str = "classification"
+    targets: tuple[str, ...] = ()  # regression: attribute columns to predict
+    soft_labels: tuple[str, ...] = ()  # classification: per-class vote-share attribute columns
+    epochs: int = 10
+    batch_size: int = 64
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    label_smoothing: float = 0.0
+    schedule: str = "cosine"
+    patience: int = 5  # early stopping: epochs without validation improvement
+    head_hidden: int = 256  # linear_probe: width of the MLP head
+    compile: bool = False  # torch.compile on CUDA
+    augment: bool = True  # random resized crop + horizontal flip on the device
+    reference: Reference | None = None
+    retrain: str | None = None  # cron string for scheduled retraining; None = off
+    description: str = ""
+    origin: str = ""
+
+    @property
+    def datasets(self) -> tuple[str, ...]:
+        """The training dataset first, then the cross-dataset test sets."""
+        return (self.dataset, *(e.dataset for e in self.eval_datasets))
+
+    @property
+    def split_ratios(self) -> tuple[int, int, int] | None:
+        """(train, val, test) percentages, or None for the official split."""
+        return None if self.split == "official" else tuple(int(p) for p in self.split.split("/"))
+
+
+@dataclass(frozen=True)
+class Catalog:
+    datasets: dict[str, DatasetSpec]
+    experiments: dict[str, ExperimentSpec]
+    files: tuple[str, ...]
+
+    def experiment(self, name: str) -> ExperimentSpec:
+        if name not in self.experiments:
+            raise CatalogError(f"unknown experiment {name!r}; known: {', '.join(sorted(self.experiments))}")
+        return self.experiments[name]
+
+    def dataset(self, name: str) -> DatasetSpec:
+        return self.datasets[name]
+
+    def thresholds(self, exp: ExperimentSpec) -> TextThresholds:
+        return exp.text_thresholds or self.datasets[exp.dataset].text_thresholds or TextThresholds()
+
+    def image_sizes(self) -> list[int]:
+        """32 and 224 are always built (32 feeds near-duplicate hashing, 224 feeds OCR)."""
+        return sorted({32, 224, *(e.image_size for e in self.experiments.values())})
+
+
+def load_catalog(path: str | os.PathLike | None = None) -> Catalog:
+    """The built-in catalog with `path` (default: $EMOPIPE_CATALOG) merged over it, validated."""
+    files = [BUILTIN_CATALOG]
+    user = path if path is not None else os.environ.get("EMOPIPE_CATALOG")
+    if user:
+        files.append(Path(user))
+    raw_datasets: dict[str, tuple[dict, Path]] = {}
+    raw_experiments: dict[str, tuple[dict, Path]] = {}
+    for file in files:
+        doc = _read_yaml(file)
+        for section, target in (("datasets", raw_datasets), ("experiments", raw_experiments)):
+            entries = doc.get(section) or {}
+            if not isinstance(entries, dict):
+                raise CatalogError(f"{file}: {section}: expected a mapping of name -> entry")
+            for name, entry in entries.items():
+                if not isinstance(entry, dict):
+                    raise CatalogError(f"{file}: {section}.{name}: expected a mapping of keys")
+                _check_name(file, f"{section}.{name}", name)
+                target[str(name)] = (entry, file)
+    datasets = {n: _dataset(n, e, f) for n, (e, f) in raw_datasets.items()}
+    experiments = {n: _experiment(n, e, f, datasets) for n, (e, f) in raw_experiments.items()}
+    return Catalog(datasets, experiments, tuple(str(f) for f in files))
+
+
+def _read_yaml(file: Path) -> dict:
+    try:
+        text = Path(file).read_text()
+    except OSError as e:
+        raise CatalogError(f"{file}: cannot read the catalog file ({e.strerror}); set EMOPIPE_CATALOG to an existing YAML file") from None
+    try:
+        doc = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise CatalogError(f"{file}: not valid YAML: {e}") from None
+    if not isinstance(doc, dict):
+        raise CatalogError(f"{file}: top level must be a mapping with 'datasets' and/or 'experiments'")
+    unknown = set(doc) - {"datasets", "experiments"}
+    if unknown:
+        raise CatalogError(f"{file}: unknown top-level key(s) {sorted(unknown)}; allowed: datasets, experiments")
+    return doc
+
+
+def _check_name(file, key, name):
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
+        raise CatalogError(f"{file}: {key}: names may use letters, digits, '_', '-', '.' only")
+
+
+class _Entry:
+    """Reads one catalog entry, turning every mistake into a CatalogError with file and key."""
+
+    def __init__(self, file: Path, key: str, entry: dict, allowed: set[str]):
+        self.file, self.key, self.entry = file, key, entry
+        unknown = set(entry) - allowed
+        if unknown:
+            self.fail(f"unknown key(s) {sorted(unknown)}", allowed=sorted(allowed))
+
+    def fail(self, message: str, sub: str | None = None, allowed=None):
+        key = f"{self.key}.{sub}" if sub else self.key
+        hint = f"; allowed: {', '.join(map(str, allowed))}" if allowed is not None else ""
+        raise CatalogError(f"{self.file}: {key}: {message}{hint}")
+
+    def get(self, name, kind, default=None, choices=None, required=False):
+        if name not in self.entry or self.entry[name] is None:
+            if required:
+                self.fail("is required", name, choices)
+            return default
+        value = self.entry[name]
+        ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value, ok = float(value), True
+        if not ok:
+            names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+            self.fail(f"expected {names}, got {value!r}", name, choices)
+        if choices is not None and value not in choices:
+            self.fail(f"{value!r} is not allowed", name, choices)
+        return value
+
+    def str_list(self, name) -> tuple[str, ...]:
+        value = self.entry.get(name) or []
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            self.fail(f"expected a list of names, got {value!r}", name)
+        return tuple(value)
+
+    def str_map(self, name, value=None) -> dict[str, str]:
+        value = self.entry.get(name) if value is None else value
+        if not value:
+            return {}
+        if not isinstance(value, dict):
+            self.fail(f"expected a mapping label -> class, got {value!r}", name)
+        return {str(k): str(v) for k, v in value.items()}
+
+    def thresholds(self, name="text_thresholds") -> TextThresholds | None:
+        value = self.entry.get(name)
+        if value is None:
+            return None
+        allowed = {f.name for f in fields(TextThresholds)}
+        sub = _Entry(self.file, f"{self.key}.{name}", value if isinstance(value, dict) else {}, allowed)
+        if not isinstance(value, dict):
+            sub.fail("expected a mapping", allowed=sorted(allowed))
+        return TextThresholds(
+            min_confidence=sub.get("min_confidence", float, TextThresholds.min_confidence),
+            min_area=sub.get("min_area", float, TextThresholds.min_area),
+            min_chars=sub.get("min_chars", int, TextThresholds.min_chars),
+        )
+
+
+DATASET_KEYS = {f.name for f in fields(DatasetSpec)} - {"name", "origin"}
+
+
+def _dataset(name: str, entry: dict, file: Path) -> DatasetSpec:
+    e = _Entry(file, f"datasets.{name}", entry, DATASET_KEYS)
+    source = e.get("source", str, choices=SOURCES, required=True)
+    spec = DatasetSpec(
+        name=name,
+        source=source,
+        path=e.get("path", str),
+        labels=e.get("labels", str),
+        url=e.get("url", str),
+        sha256=e.get("sha256", str),
+        classes=e.str_list("classes") or None,
+        class_map=e.str_map("class_map"),
+        split_column=e.get("split_column", str, "split"),
+        n_per_class=e.get("n_per_class", int, 100),
+        seed=e.get("seed", int, 0),
+        text_thresholds=e.thresholds(),
+        description=e.get("description", str, ""),
+        origin=str(file),
+    )
+    if source == "folder" and not spec.path:
+        e.fail("a folder dataset needs 'path' (class-per-subfolder root, or the root its manifest paths are relative to)", "path")
+    if source == "archive":
+        if not spec.url or not re.match(r"https?://", spec.url):
+            e.fail("an archive dataset needs an http(s) 'url' of a .zip, .tar or .tar.gz", "url")
+        if not spec.sha256 or not re.fullmatch(r"[0-9a-fA-F]{64}", spec.sha256):
+            e.fail("an archive dataset needs 'sha256': the archive's 64-hex-digit checksum", "sha256")
+    if source == "url_list":
+        where = spec.labels or spec.url
+        if not where:
+            e.fail("a url_list dataset needs 'labels' (a local CSV url,label[,...]) or 'url' (the CSV's http(s) URL)", "labels")
+    if spec.n_per_class < 1:
+        e.fail("must be at least 1", "n_per_class")
+    return spec
+
+
+EXPERIMENT_KEYS = {f.name for f in fields(ExperimentSpec)} - {"name", "origin"}
+
+
+def _experiment(name: str, entry: dict, file: Path, datasets: dict[str, DatasetSpec]) -> ExperimentSpec:
+    e = _Entry(file, f"experiments.{name}", entry, EXPERIMENT_KEYS)
+    dataset = e.get("dataset", str, choices=sorted(datasets), required=True)
+    evals = []
+    for i, item in enumerate(entry.get("eval_datasets") or []):
+        if isinstance(item, str):
+            item = {"dataset": item}
+        if not isinstance(item, dict):
+            e.fail(f"entry {i}: expected a dataset name or {{dataset: NAME, class_map: {{...}}}}", "eval_datasets")
+        sub = _Entry(file, f"experiments.{name}.eval_datasets[{i}]", item, {"dataset", "class_map"})
+        evals.append(EvalDataset(sub.get("dataset", str, choices=sorted(datasets), required=True), sub.str_map("class_map")))
+    split = e.get("split", str, "70/15/15")
+    if split != "official":
+        parts = split.split("/")
+        if len(parts) != 3 or not all(p.isdigit() for p in parts) or sum(map(int, parts)) != 100 or int(parts[0]) == 0:
+            e.fail(f"{split!r} is not a split scheme", "split", SPLIT_SCHEMES)
+    pretrained = e.get("pretrained", str, "efficientnet_lite0")
+    if pretrained not in PRETRAINED_KINDS[:3] and not Path(pretrained).expanduser().exists():
+        e.fail(f"{pretrained!r} is neither a known kind nor an existing weights file", "pretrained", PRETRAINED_KINDS)
+    ref = entry.get("reference")
+    reference = None
+    if ref is not None:
+        sub = _Entry(file, f"experiments.{name}.reference", ref if isinstance(ref, dict) else {}, {"metric", "value", "source"})
+        if not isinstance(ref, dict):
+            sub.fail("expected {metric: NAME, value: NUMBER, source: TEXT}")
+        reference = Reference(sub.get("metric", str, required=True), sub.get("value", float, required=True), sub.get("source", str, ""))
+    spec = ExperimentSpec(
+        name=name,
+        dataset=dataset,
+        eval_datasets=tuple(evals),
+        image_size=e.get("image_size", int, 224),
+        text_filter=e.get("text_filter", bool, True),
+        text_thresholds=e.thresholds(),
+        split=split,
+        seed=e.get("seed", int, 0),
+        model=e.get("model", str, "tf_efficientnet_lite0"),
+        pretrained=pretrained,
+        mode=e.get("mode", str, "finetune", MODES),
+        task=e.get("task", str, "classification", TASKS),
+        targets=e.str_list("targets"),
+        soft_labels=e.str_list("soft_labels"),
+        epochs=e.get("epochs", int, 10),
+        batch_size=e.get("batch_size", int, 64),
+        optimizer=e.get("optimizer", str, "adamw", OPTIMIZERS),
+        lr=e.get("lr", float, 1e-3),
+        weight_decay=e.get("weight_decay", float, 0.05),
+        label_smoothing=e.get("label_smoothing", float, 0.0),
+        schedule=e.get("schedule", str, "cosine", SCHEDULES),
+        patience=e.get("patience", int, 5),
+        head_hidden=e.get("head_hidden", int, 256),
+        compile=e.get("compile", bool, False),
+        augment=e.get("augment", bool, True),
+        reference=reference,
+        retrain=e.get("retrain", str),
+        description=e.get("description", str, ""),
+        origin=str(file),
+    )
+    if not 8 <= spec.image_size <= 1024:
+        e.fail(f"{spec.image_size} is out of range", "image_size", ["8..1024 (32 and 224 are built in)"])
+    if spec.epochs < 1 or spec.batch_size < 1:
+        e.fail("epochs and batch_size must be at least 1", "epochs")
+    if spec.task == "regression" and not spec.targets:
+        e.fail("a regression experiment names its target attribute columns", "targets")
+    if spec.retrain is not None and len(spec.retrain.split()) != 5:
+        e.fail(f"{spec.retrain!r} is not a 5-field cron string", "retrain", ['"0 3 * * 1" (Mondays 03:00)'])
+    return spec
