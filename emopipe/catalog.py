@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from emopipe.errors import UserError
+
 BUILTIN_CATALOG = Path(__file__).with_name("catalog.yaml")
 
 SOURCES = ("synthetic", "folder", "archive", "url_list")
@@ -25,7 +27,7 @@ SCHEDULES = ("cosine", "plateau", "none")
 PRETRAINED_KINDS = ("none", "timm", "efficientnet_lite0", "a path to a weights file")
 
 
-class CatalogError(ValueError):
+class CatalogError(UserError):
     """A user mistake in a catalog file: the message names file, key and allowed values."""
 
 
