@@ -1,0 +1,44 @@
+"""What every asset module shares: the catalog, the experiment partitions, and metadata helpers."""
+
+import base64
+from contextlib import contextmanager
+
+import dagster as dg
+from dagster_duckdb import DuckDBResource
+
+from emopipe.catalog import ExperimentSpec, load_catalog
+from emopipe.db import Database
+from emopipe.errors import UserError
+
+CATALOG = load_catalog()
+
+# One static partition per experiment, shared by every asset: one run = one experiment's chain.
+experiment_partitions = dg.StaticPartitionsDefinition(sorted(CATALOG.experiments))
+
+
+def experiment(context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext) -> ExperimentSpec:
+    return CATALOG.experiment(context.partition_key)
+
+
+def database(resource: DuckDBResource) -> Database:
+    return Database.from_resource(resource)
+
+
+def png_markdown(png: bytes, alt: str) -> dg.MetadataValue:
+    """A PNG shown inline in the UI: Dagster renders Markdown images with data URIs."""
+    return dg.MetadataValue.md(f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})")
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+@contextmanager
+def user_errors():
+    """Turn a user mistake into a Dagster Failure: its message shown as is, no retries."""
+    try:
+        yield
+    except UserError as e:
+        raise dg.Failure(description=str(e), allow_retries=False) from None

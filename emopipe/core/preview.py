@@ -1,0 +1,27 @@
+"""Small image grids that show a person, in the Dagster UI, which images a stage saw or dropped."""
+
+import io
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+
+def grid_png(images: list[np.ndarray], captions: list[str] | None = None, tile: int = 96, columns: int = 8) -> bytes:
+    """A PNG grid of HxWx3 uint8 images, each scaled to `tile` px, with an optional caption under it."""
+    if not images:
+        raise ValueError("grid_png needs at least one image")
+    caption_h = 14 if captions else 0
+    rows = (len(images) + columns - 1) // columns
+    cols = min(columns, len(images))
+    canvas = Image.new("RGB", (cols * tile, rows * (tile + caption_h)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, arr in enumerate(images):
+        x, y = (i % columns) * tile, (i // columns) * (tile + caption_h)
+        thumb = Image.fromarray(arr).convert("RGB")
+        thumb.thumbnail((tile, tile))
+        canvas.paste(thumb, (x + (tile - thumb.width) // 2, y + (tile - thumb.height) // 2))
+        if captions:
+            draw.text((x + 2, y + tile), captions[i][:16], fill="black")
+    buf = io.BytesIO()
+    canvas.save(buf, format="PNG", optimize=True)
+    return buf.getvalue()

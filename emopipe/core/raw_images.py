@@ -1,0 +1,282 @@
+"""Ingest: every source item ends in exactly one place: `images`, `rejected` (with a reason), or
+`duplicates`. Accepted bytes are stored once, content-addressed (image_id = sha256 of the bytes).
+
+The `images`, `rejected` and `duplicates` rows of a dataset mirror its current listing: a file that
+left the listing leaves the tables (its bytes stay in the object store, so older splits remain
+verifiable). Rows are committed in batches, so a killed run keeps what it stored, and a url_list
+re-run downloads only the URLs that are not already images.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from emopipe.catalog import DatasetSpec
+from emopipe.core.sources import Fetched, SourceItem, fetch_items, list_items
+from emopipe.db import Database
+from emopipe.fingerprint import rows_fingerprint, sha256_bytes
+from emopipe.paths import object_path
+
+ACCEPTED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF")
+# Pillow's own warning threshold; above it a file is treated as a decompression bomb.
+MAX_PIXELS = 89_478_485
+# Leading bytes of formats Pillow may fail on for their pixel layout (e.g. float RGB TIFF).
+IMAGE_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM", b"II*\x00", b"MM\x00*", b"RIFF")
+BATCH = 1000
+
+
+class Rejected(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    width: int
+    height: int
+    format: str
+
+
+def inspect_image(data: bytes, max_pixels: int = MAX_PIXELS) -> ImageInfo:
+    """Check that the bytes are a whole, decodable image; raise Rejected(reason, detail) if not.
+
+    The decode runs in Pillow's draft mode (JPEGs at 1/8 scale), which still reads every byte, so
+    truncation is caught at a fraction of a full decode; the full decode happens once, at resize.
+    """
+    if not data:
+        raise Rejected("zero_bytes", "the file is empty")
+    try:
+        img = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+    except Image.UnidentifiedImageError as e:
+        if data.startswith(IMAGE_SIGNATURES):
+            raise Rejected("unreadable_mode", f"an image file whose pixel layout Pillow cannot read ({e})") from None
+        head = data[:64].lstrip().lower()
+        kind = "an HTML page" if head.startswith((b"<!doctype html", b"<html")) else "not an image"
+        raise Rejected("not_an_image", f"{kind} (starts with {data[:16]!r})") from None
+    except Exception as e:  # Pillow raises assorted errors on malformed headers
+        raise Rejected("not_an_image", f"unreadable header: {e}") from None
+    width, height = img.size
+    if width * height > max_pixels:
+        raise Rejected("decompression_bomb", f"{width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img.draft("RGB", (max(1, width // 8), max(1, height // 8)))
+            img.load()
+            img.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as e:
+        message = str(e)
+        reason = "truncated" if "truncat" in message or "broken data stream" in message or "premature end" in message.lower() else "unreadable_mode"
+        raise Rejected(reason, message) from None
+    return ImageInfo(width, height, img.format or "")
+
+
+def store_object(data: bytes, image_id: str, objects_root: Path) -> bool:
+    """Write the bytes at their content address atomically; False when they were already there."""
+    target = object_path(image_id, objects_root)
+    if target.exists():
+        return False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, target)
+    return True
+
+
+@dataclass
+class IngestResult:
+    dataset: str
+    n_inputs: int = 0
+    n_images: int = 0  # accepted in this listing (new + already ingested)
+    n_new: int = 0  # images whose bytes entered the store in this run
+    n_known: int = 0  # url_list items already ingested by an earlier run (not downloaded again)
+    n_rejected: int = 0
+    n_duplicates: int = 0
+    n_label_conflicts: int = 0
+    n_dropped: int = 0  # rows of files that left the listing
+    rejected_by_reason: dict[str, int] = field(default_factory=dict)
+    conflicts: list[str] = field(default_factory=list)  # a few "uri (label) = kept_uri (label)" lines
+    fingerprint: str = ""
+    seconds: float = 0.0
+
+    @property
+    def balanced(self) -> bool:
+        """The accounting identity: every input is an image, a rejection or a duplicate."""
+        return self.n_inputs == self.n_images + self.n_rejected + self.n_duplicates
+
+
+def ingest_dataset(
+    db: Database,
+    spec: DatasetSpec,
+    *,
+    objects_root: Path,
+    work_dir: Path,
+    workers: int = 16,
+    log: Callable[[str], None] = print,
+) -> IngestResult:
+    start = time.perf_counter()
+    result = IngestResult(spec.name)
+    items = list_items(spec, work_dir)
+    result.n_inputs = len(items)
+    with db.connect() as conn:
+        known_rows = conn.execute(
+            "SELECT source_uri, image_id, label FROM images WHERE dataset = ?", [spec.name]
+        ).fetchall()
+    by_uri = {uri: (image_id, label) for uri, image_id, label in known_rows}
+    kept: dict[str, tuple[str, str]] = {}  # image_id -> (source_uri, label) of the first copy
+    rejected: list[tuple] = []
+    duplicates: list[tuple] = []
+    pending: list[tuple] = []
+    current_uris: set[str] = set()
+
+    to_fetch: list[SourceItem] = []
+    for item in items:
+        label = map_label(item.label, spec)
+        if label is None:
+            allowed = f"; allowed: {', '.join(spec.classes)}" if spec.classes else ""
+            rejected.append((spec.name, item.uri, "unknown_label", f"label {item.label!r} is not a class of {spec.name}{allowed}"))
+        elif spec.source == "url_list" and item.uri in by_uri and by_uri[item.uri][1] == label:
+            kept.setdefault(by_uri[item.uri][0], (item.uri, label))
+            current_uris.add(item.uri)
+            result.n_known += 1
+        else:
+            to_fetch.append(item)
+
+    def accept(fetched: Fetched):
+        if fetched.data is None:
+            return fetched, None, Rejected(fetched.reason or "fetch_failed", fetched.detail or "")
+        try:
+            info = inspect_image(fetched.data)
+        except Rejected as r:
+            return fetched, None, r
+        image_id = sha256_bytes(fetched.data)
+        new = store_object(fetched.data, image_id, objects_root)
+        return fetched, (image_id, info, len(fetched.data), new), None
+
+    with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
+        for fetched, ok, rej in _ordered_map(pool, accept, fetch_items(to_fetch, workers=workers)):
+            item = fetched.item
+            label = map_label(item.label, spec)
+            if rej is not None:
+                rejected.append((spec.name, item.uri, rej.reason, f"{item.uri}: {rej.detail}"))
+                continue
+            image_id, info, n_bytes, new = ok
+            if image_id in kept:
+                first_uri, first_label = kept[image_id]
+                conflict = first_label != label
+                duplicates.append((spec.name, item.uri, image_id, label, first_uri, conflict))
+                if conflict:
+                    result.n_label_conflicts += 1
+                    if len(result.conflicts) < 10:
+                        result.conflicts.append(f"{item.uri} ({label}) has the same bytes as {first_uri} ({first_label}); kept the first")
+                continue
+            kept[image_id] = (item.uri, label)
+            current_uris.add(item.uri)
+            result.n_new += new
+            attributes = dict(item.attributes)
+            pending.append((image_id, spec.name, item.uri, label, info.width, info.height, info.format, n_bytes, json.dumps(attributes, sort_keys=True, default=str)))
+            if len(pending) >= BATCH:
+                _write_images(db, pending)
+                log(f"{spec.name}: {len(kept)} images stored, {len(rejected)} rejected so far")
+                pending = []
+    _write_images(db, pending)
+
+    with db.transaction() as conn:
+        conn.execute("CREATE TEMP TABLE current_images (image_id VARCHAR)")
+        conn.executemany("INSERT INTO current_images VALUES (?)", [[i] for i in kept])
+        result.n_dropped = conn.execute(
+            "DELETE FROM images WHERE dataset = ? AND image_id NOT IN (SELECT image_id FROM current_images)", [spec.name]
+        ).fetchone()[0]
+        conn.execute("DROP TABLE current_images")
+        conn.execute("DELETE FROM rejected WHERE dataset = ?", [spec.name])
+        conn.execute("DELETE FROM duplicates WHERE dataset = ?", [spec.name])
+        if rejected:
+            conn.executemany("INSERT INTO rejected (dataset, source_uri, reason, detail) VALUES (?, ?, ?, ?)", rejected)
+        if duplicates:
+            conn.executemany(
+                "INSERT INTO duplicates (dataset, source_uri, image_id, label, kept_source_uri, label_conflict) VALUES (?, ?, ?, ?, ?, ?)",
+                duplicates,
+            )
+    result.n_images = len(kept)
+    result.n_rejected = len(rejected)
+    result.n_duplicates = len(duplicates)
+    for _, _, reason, _ in rejected:
+        result.rejected_by_reason[reason] = result.rejected_by_reason.get(reason, 0) + 1
+    result.fingerprint = dataset_fingerprint(db, spec.name)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def map_label(label: str | None, spec: DatasetSpec) -> str | None:
+    """The dataset's class for a raw label (class_map, '*' for all others), or None if it has none."""
+    if label is None or label == "":
+        return None
+    mapped = spec.class_map.get(label, spec.class_map.get("*", label)) if spec.class_map else label
+    if spec.classes and mapped not in spec.classes:
+        return None
+    return mapped
+
+
+def dataset_fingerprint(db: Database, dataset: str) -> str:
+    """sha256 over the sorted (image_id, label) pairs of the dataset: its Dagster data version."""
+    with db.connect() as conn:
+        rows = conn.execute("SELECT image_id, label FROM images WHERE dataset = ?", [dataset]).fetchall()
+    return rows_fingerprint(rows)
+
+
+def _write_images(db: Database, rows: list[tuple]) -> None:
+    if not rows:
+        return
+    with db.transaction() as conn:
+        conn.executemany(
+            """INSERT INTO images (image_id, dataset, source_uri, label, width, height, format, n_bytes, attributes)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+               ON CONFLICT (dataset, image_id) DO UPDATE SET source_uri = excluded.source_uri,
+                 label = excluded.label, attributes = excluded.attributes""",
+            rows,
+        )
+
+
+def _ordered_map(pool: ThreadPoolExecutor, fn, iterable: Iterable, depth: int = 64) -> Iterator:
+    """pool.map with a bounded number of tasks in flight, so memory does not grow with the dataset."""
+    futures = []
+    for x in iterable:
+        futures.append(pool.submit(fn, x))
+        if len(futures) >= depth:
+            yield futures.pop(0).result()
+    for f in futures:
+        yield f.result()
+
+
+def preview_arrays(db: Database, dataset: str, k: int = 16, objects_root: Path | None = None) -> tuple[list, list[str]]:
+    """Up to k small RGB thumbnails spread over the labels (the first images of each), with captions."""
+    with db.connect() as conn:
+        rows = conn.execute(
+            """SELECT image_id, label FROM (
+                 SELECT image_id, label, row_number() OVER (PARTITION BY label ORDER BY image_id) AS r FROM images WHERE dataset = ?)
+               ORDER BY r, label LIMIT ?""",
+            [dataset, k],
+        ).fetchall()
+    arrays, captions = [], []
+    for image_id, label in rows:
+        with Image.open(object_path(image_id, objects_root)) as img:
+            img.draft("RGB", (192, 192))
+            thumb = ImageOps.exif_transpose(img).convert("RGB")
+            thumb.thumbnail((96, 96))
+            arrays.append(np.asarray(thumb))
+        captions.append(str(label))
+    return arrays, captions

@@ -1,0 +1,32 @@
+"""The Dagster code location: `defs`, loaded by workspace.yaml and `-m emopipe.definitions`."""
+
+import dagster as dg
+from dagster_duckdb import DuckDBResource
+
+from emopipe.catalog import CatalogError
+
+try:
+    from emopipe.assets.common import experiment_partitions
+except CatalogError as e:
+    # Re-raised here with a fresh traceback: the user sees the message and this line, not our internals.
+    raise CatalogError(str(e)) from None
+
+from emopipe.assets.images import image_assets
+from emopipe.assets.raw_images import raw_images
+from emopipe.db import CONNECTION_CONFIG
+from emopipe.paths import data_dir, db_path
+
+ASSETS = [raw_images, *image_assets]
+
+# The whole chain for one experiment partition.
+main_job = dg.define_asset_job("main", selection=dg.AssetSelection.assets(*ASSETS), partitions_def=experiment_partitions)
+
+defs = dg.Definitions(
+    assets=ASSETS,
+    jobs=[main_job],
+    resources={
+        "duckdb": DuckDBResource(database=str(db_path()), connection_config=CONNECTION_CONFIG),
+        # Asset outputs are small handles (ids and fingerprints); the data itself lives in DuckDB and data/.
+        "io_manager": dg.FilesystemIOManager(base_dir=str(data_dir() / "dagster_io")),
+    },
+)
