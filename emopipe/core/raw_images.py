@@ -59,7 +59,12 @@ def inspect_image(data: bytes, max_pixels: int = MAX_PIXELS) -> ImageInfo:
     if not data:
         raise Rejected("zero_bytes", "the file is empty")
     try:
-        img = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+        with warnings.catch_warnings():
+            # The pixel limit is checked below, from the header, with our own message.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+    except Image.DecompressionBombError as e:
+        raise Rejected("decompression_bomb", str(e)) from None
     except Image.UnidentifiedImageError as e:
         if data.startswith(IMAGE_SIGNATURES):
             raise Rejected("unreadable_mode", f"an image file whose pixel layout Pillow cannot read ({e})") from None
@@ -72,12 +77,10 @@ def inspect_image(data: bytes, max_pixels: int = MAX_PIXELS) -> ImageInfo:
     if width * height > max_pixels:
         raise Rejected("decompression_bomb", f"{width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img.draft("RGB", (max(1, width // 8), max(1, height // 8)))
-            img.load()
-            img.convert("RGB")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as e:
+        img.draft("RGB", (max(1, width // 8), max(1, height // 8)))
+        img.load()
+        img.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as e:
         message = str(e)
         reason = "truncated" if "truncat" in message or "broken data stream" in message or "premature end" in message.lower() else "unreadable_mode"
         raise Rejected(reason, message) from None
@@ -141,7 +144,6 @@ def ingest_dataset(
     rejected: list[tuple] = []
     duplicates: list[tuple] = []
     pending: list[tuple] = []
-    current_uris: set[str] = set()
 
     to_fetch: list[SourceItem] = []
     for item in items:
@@ -151,7 +153,6 @@ def ingest_dataset(
             rejected.append((spec.name, item.uri, "unknown_label", f"label {item.label!r} is not a class of {spec.name}{allowed}"))
         elif spec.source == "url_list" and item.uri in by_uri and by_uri[item.uri][1] == label:
             kept.setdefault(by_uri[item.uri][0], (item.uri, label))
-            current_uris.add(item.uri)
             result.n_known += 1
         else:
             to_fetch.append(item)
@@ -175,25 +176,32 @@ def ingest_dataset(
                 rejected.append((spec.name, item.uri, rej.reason, f"{item.uri}: {rej.detail}"))
                 continue
             image_id, info, n_bytes, new = ok
-            if image_id in kept:
-                first_uri, first_label = kept[image_id]
-                conflict = first_label != label
-                duplicates.append((spec.name, item.uri, image_id, label, first_uri, conflict))
-                if conflict:
-                    result.n_label_conflicts += 1
-                    if len(result.conflicts) < 10:
-                        result.conflicts.append(f"{item.uri} ({label}) has the same bytes as {first_uri} ({first_label}); kept the first")
-                continue
-            kept[image_id] = (item.uri, label)
-            current_uris.add(item.uri)
             result.n_new += new
-            attributes = dict(item.attributes)
-            pending.append((image_id, spec.name, item.uri, label, info.width, info.height, info.format, n_bytes, json.dumps(attributes, sort_keys=True, default=str)))
+            row = (image_id, spec.name, item.uri, label, info.width, info.height, info.format, n_bytes,
+                   json.dumps(item.attributes, sort_keys=True, default=str))
+            if image_id in kept:
+                # Copies arrive in download order; keeping the smallest URI makes the outcome repeatable.
+                first_uri, first_label = kept[image_id]
+                if item.uri > first_uri:
+                    duplicates.append((item.uri, image_id, label))
+                    continue
+                duplicates.append((first_uri, image_id, first_label))
+            kept[image_id] = (item.uri, label)
+            pending.append(row)
             if len(pending) >= BATCH:
                 _write_images(db, pending)
                 log(f"{spec.name}: {len(kept)} images stored, {len(rejected)} rejected so far")
                 pending = []
     _write_images(db, pending)
+    duplicate_rows = []
+    for uri, image_id, label in sorted(duplicates):
+        first_uri, first_label = kept[image_id]
+        conflict = first_label != label
+        duplicate_rows.append((spec.name, uri, image_id, label, first_uri, conflict))
+        if conflict:
+            result.n_label_conflicts += 1
+            if len(result.conflicts) < 10:
+                result.conflicts.append(f"{uri} ({label}) has the same bytes as {first_uri} ({first_label}); kept the first")
 
     with db.transaction() as conn:
         conn.execute("CREATE TEMP TABLE current_images (image_id VARCHAR)")
@@ -206,10 +214,10 @@ def ingest_dataset(
         conn.execute("DELETE FROM duplicates WHERE dataset = ?", [spec.name])
         if rejected:
             conn.executemany("INSERT INTO rejected (dataset, source_uri, reason, detail) VALUES (?, ?, ?, ?)", rejected)
-        if duplicates:
+        if duplicate_rows:
             conn.executemany(
                 "INSERT INTO duplicates (dataset, source_uri, image_id, label, kept_source_uri, label_conflict) VALUES (?, ?, ?, ?, ?, ?)",
-                duplicates,
+                duplicate_rows,
             )
     result.n_images = len(kept)
     result.n_rejected = len(rejected)
