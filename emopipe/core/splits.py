@@ -1,0 +1,508 @@
+"""Train/val/test splits of a filtered image set, computed in DuckDB SQL, plus near-duplicate grouping.
+
+How a ratio split ("70/15/15", any "a/b/c" summing to 100) is made:
+
+- Units. Near-duplicate images (same photo re-encoded, resized, slightly edited) are grouped
+  (`duplicate_groups`), and a group is the unit that gets a part, so no photo leaks across parts.
+  A group is stratified under its majority label (ties: the alphabetically first label). An image
+  with no label counts as the class "(no label)".
+- Targets. Per class, each part's target is its share of the class's images, rounded by largest
+  remainder (ties: train, then val, then test), so it is within one image of the exact share.
+- Order and cut. Within a class, groups are ranked by md5("<seed>:<smallest image_id of the group>")
+  (md5 of a string is the same in every DuckDB version and on every machine; DuckDB's `hash()` is
+  not guaranteed to be) and cut where the cumulative image count crosses the targets (a group goes
+  to the part its midpoint falls in). With singleton groups the counts equal the targets exactly;
+  with larger groups a part is off by at most the largest group's size.
+- Stability. The rank of an image depends only on the seed and its own group key, so adding m
+  images only inserts them into the order and moves the two cut points a little: an existing image
+  changes part only when it sits between an old and a new cut point, about m in the worst case and
+  usually far fewer (measured in emopipe_tests/test_splits.py). No state from an earlier split is
+  needed, so the split stays a pure function of (filtered set, labels, groups, scheme, seed).
+- Small classes. A class whose targets leave a part with a nonzero share empty (e.g. 4 images at
+  70/15/15), or with fewer groups than parts to fill, is kept whole in train (its images still
+  teach the model), and `SplitResult.small_classes` says so: val/test then lack that class.
+- Zero shares. "a/b/c" must sum to 100 with a > 0; b or c may be 0 ("90/10/0": no test part, e.g.
+  when only cross-dataset test sets are used; "85/0/15": no validation part, so no early stopping).
+
+"official" takes each image's part from its manifest attribute (`images.attributes ->> split_column`,
+train/val/test, case-insensitive; validation/valid mean val). A near-duplicate group spanning parts
+goes wholly to its most held-out part (test, then val, then train): the official test images all stay
+in test, and train loses the copies of them. Images with a missing or unknown value are an error.
+
+The split_id is the fingerprint: sha256 over the sorted (image_id, part) rows. The same inputs give the
+same split_id, and re-running stores nothing twice.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import scipy.fft
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from emopipe.db import CONNECTION_CONFIG, Database
+from emopipe.errors import UserError
+from emopipe.fingerprint import rows_fingerprint
+
+PARTS = ("train", "val", "test")
+NO_LABEL = "(no label)"
+OFFICIAL_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+
+
+class SplitError(UserError):
+    """A split cannot be made from what was asked (scheme, filter, dataset, official parts)."""
+
+
+def parse_scheme(scheme: str) -> tuple[int, int, int] | None:
+    """(train, val, test) percentages of "a/b/c" (sum 100, train > 0), or None for "official"."""
+    if scheme == "official":
+        return None
+    m = re.fullmatch(r"(\d+)/(\d+)/(\d+)", scheme.strip())
+    ratios = tuple(int(g) for g in m.groups()) if m else None
+    if ratios is None or sum(ratios) != 100 or ratios[0] == 0:
+        raise SplitError(
+            f"split scheme {scheme!r}: expected 'official' or 'a/b/c' percentages summing to 100 with "
+            "a > 0 (train/val/test, e.g. 70/15/15 or 80/10/10; val or test may be 0)"
+        )
+    return ratios
+
+
+# ---------------------------------------------------------------------------------------------
+# Near-duplicates
+
+def perceptual_hash(thumbs: np.ndarray, chunk: int = 8192) -> np.ndarray:
+    """64-bit pHash of each 32x32 RGB thumbnail (N, 32, 32, 3) uint8 -> (N,) uint64.
+
+    The imagehash recipe: luma, 2-D DCT-II, the 8x8 lowest frequencies, one bit per coefficient
+    above their median. Bits are packed row-major, first coefficient in the highest bit.
+    """
+    if thumbs.ndim != 4 or thumbs.shape[1:] != (32, 32, 3):
+        raise ValueError(f"expected (N, 32, 32, 3) thumbnails, got shape {thumbs.shape}")
+    out = np.empty(len(thumbs), dtype=np.uint64)
+    luma_weights = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601, as Pillow's "L"
+    for start in range(0, len(thumbs), chunk):
+        gray = thumbs[start:start + chunk].astype(np.float32) @ luma_weights
+        low = scipy.fft.dctn(gray, type=2, axes=(1, 2))[:, :8, :8].reshape(len(gray), 64)
+        bits = low > np.median(low, axis=1, keepdims=True)
+        out[start:start + chunk] = np.packbits(bits, axis=1).view(">u8").ravel()
+    return out
+
+
+def duplicate_groups(image_ids: list[str], hashes: np.ndarray, max_distance: int = 4) -> dict[str, str]:
+    """image_id -> group key (the smallest image_id of its group), for every given image.
+
+    Images whose hashes differ in at most `max_distance` bits are linked, and linked images form
+    a group (connected components, so chains A~B~C group A with C). Candidates come from band LSH:
+    the 64 bits are cut into max_distance+1 bands, and two hashes within the distance agree on at
+    least one whole band (pigeonhole), so an equi-join per band finds every close pair without
+    comparing all pairs. Identical hashes are collapsed first, so exact duplicates cost nothing.
+    Cost grows quickly with max_distance (narrower bands, fuller buckets): keep it small (<= 8).
+    """
+    if len(image_ids) != len(hashes):
+        raise ValueError(f"{len(image_ids)} image ids but {len(hashes)} hashes")
+    if not 0 <= max_distance < 64:
+        raise ValueError(f"max_distance must be in 0..63, got {max_distance}")
+    ids = np.asarray(image_ids, dtype=object)
+    unique, which = np.unique(np.asarray(hashes, dtype=np.uint64), return_inverse=True)
+    pairs = _close_pairs(unique, max_distance) if max_distance else np.empty((0, 2), np.int64)
+    graph = coo_matrix((np.ones(len(pairs), np.int8), (pairs[:, 0], pairs[:, 1])), shape=(len(unique),) * 2)
+    _, component_of_hash = connected_components(graph, directed=False)
+    component = component_of_hash[which]
+    order = np.argsort(ids.astype(str), kind="stable")
+    components_sorted, first = np.unique(component[order], return_index=True)
+    smallest = np.empty(component.max() + 1 if len(component) else 0, dtype=object)
+    smallest[components_sorted] = ids[order[first]]
+    return dict(zip(image_ids, smallest[component].tolist()))
+
+
+def _close_pairs(unique: np.ndarray, max_distance: int) -> np.ndarray:
+    """Index pairs (i < j) of distinct hashes within max_distance bits, by a band equi-join in DuckDB."""
+    n_bands = max_distance + 1
+    edges = np.linspace(0, 64, n_bands + 1).astype(int)
+    bands = pa.table({
+        "band": list(range(n_bands)),
+        "shift": [int(lo) for lo in edges[:-1]],
+        "mask": pa.array([(1 << int(hi - lo)) - 1 for lo, hi in zip(edges[:-1], edges[1:])], pa.uint64()),
+    })
+    hashes = pa.table({"idx": np.arange(len(unique), dtype=np.int64), "h": unique})
+    with duckdb.connect(config=CONNECTION_CONFIG) as conn:
+        conn.register("hashes", hashes)
+        conn.register("bands", bands)
+        result = conn.execute(
+            """
+            WITH keyed AS (
+                SELECT idx, h, band, (h >> shift) & mask AS v FROM hashes, bands
+            )
+            SELECT DISTINCT a.idx AS i, b.idx AS j
+            FROM keyed a JOIN keyed b ON a.band = b.band AND a.v = b.v AND a.idx < b.idx
+            WHERE bit_count(xor(a.h, b.h)) <= ?
+            """,
+            [max_distance],
+        ).fetchnumpy()
+    return np.stack([result["i"], result["j"]], axis=1).astype(np.int64) if len(result["i"]) else np.empty((0, 2), np.int64)
+
+
+# ---------------------------------------------------------------------------------------------
+# The split
+
+@dataclass
+class SplitResult:
+    split_id: str
+    fingerprint: str  # == split_id; also the Dagster data version
+    scheme: str
+    ratios: tuple[int, int, int] | None
+    seed: int
+    input_fingerprint: str
+    counts: dict[str, dict[str, int]]  # image label -> part -> images
+    n_images: int
+    n_groups_merged: int  # near-duplicate groups of 2+ filtered images
+    small_classes: list[str] = field(default_factory=list)  # one message per class kept in train
+    notes: list[str] = field(default_factory=list)  # other things a reader should know
+    markdown: str = ""
+
+
+@dataclass
+class Assignment:
+    """What assign_parts computed: one row per image (image_id, label, key, official, part)."""
+
+    rows: pa.Table
+    counts: dict[str, dict[str, int]]
+    n_groups_merged: int
+    small_classes: list[str]
+    notes: list[str]
+
+
+def make_split(
+    db: Database,
+    *,
+    experiment: str,
+    dataset: str,
+    filter_id: str,
+    scheme: str,
+    seed: int,
+    groups: dict[str, str] | None = None,
+    split_column: str = "split",
+) -> SplitResult:
+    """Split the images kept by `filter_id` and store them in `splits` + a `split_runs` row (one transaction)."""
+    ratios = parse_scheme(scheme)
+    with db.connect() as conn:
+        filter_params_hash = _filter_params_hash(conn, dataset, filter_id)
+        items = _load_filtered(conn, dataset, filter_id, split_column)
+    done = assign_parts(items, groups, ratios, seed)
+    rows = done.rows
+    ids, parts = rows["image_id"].to_pylist(), rows["part"].to_pylist()
+    split_id = rows_fingerprint(zip(ids, parts))
+    inputs = [rows["image_id"], rows["label"], rows["key"]] + ([rows["official"]] if ratios is None else [])
+    input_fingerprint = rows_fingerprint(zip(*(c.to_pylist() for c in inputs)))
+    with db.transaction() as conn:
+        if not conn.execute("SELECT count(*) FROM splits WHERE split_id = ?", [split_id]).fetchall()[0][0]:
+            conn.register("new_split_rows", rows.select(["image_id", "part"]))
+            conn.execute("INSERT INTO splits SELECT ?, image_id, part FROM new_split_rows", [split_id])
+            conn.unregister("new_split_rows")
+        conn.execute(
+            """INSERT OR REPLACE INTO split_runs (split_id, experiment, dataset, scheme, ratios, seed, filter_id,
+                   filter_params_hash, input_fingerprint, counts, fingerprint)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+            [split_id, experiment, dataset, scheme, json.dumps(ratios and list(ratios)), seed, filter_id,
+             filter_params_hash, input_fingerprint, json.dumps(done.counts, sort_keys=True), split_id],
+        )
+    return SplitResult(
+        split_id=split_id, fingerprint=split_id, scheme=scheme, ratios=ratios, seed=seed,
+        input_fingerprint=input_fingerprint, counts=done.counts, n_images=len(ids),
+        n_groups_merged=done.n_groups_merged, small_classes=done.small_classes, notes=done.notes,
+        markdown=counts_markdown(done.counts),
+    )
+
+
+def assign_parts(
+    items: pa.Table, groups: dict[str, str] | None, ratios: tuple[int, int, int] | None, seed: int
+) -> Assignment:
+    """The split itself, in an in-memory DuckDB: items has image_id, label, official (raw manifest value)."""
+    with duckdb.connect(config=CONNECTION_CONFIG) as conn:
+        _stage(conn, items, groups, ratios)
+        if ratios is None:
+            _check_official(conn)
+            conn.execute(f"CREATE TEMP TABLE unit_parts AS {_OFFICIAL_UNIT_PARTS}")
+        else:
+            conn.execute(f"CREATE TEMP TABLE unit_parts AS {_RATIO_UNIT_PARTS}", [str(seed)])
+        rows = conn.sql(
+            """SELECT m.image_id, m.label, u.key, m.official, p.part
+               FROM members m JOIN units u USING (gid) JOIN unit_parts p USING (gid)"""
+        ).to_arrow_table()
+        counts: dict[str, dict[str, int]] = {}
+        for label, part, n in conn.execute(
+            "SELECT m.label, p.part, count(*) FROM members m JOIN unit_parts p USING (gid) GROUP BY ALL ORDER BY ALL"
+        ).fetchall():
+            counts.setdefault(label, dict.fromkeys(PARTS, 0))[part] = n
+        n_merged = conn.execute("SELECT count(*) FROM units WHERE size > 1").fetchall()[0][0]
+        small, notes = ([], _official_notes(conn)) if ratios is None else _ratio_messages(conn, ratios)
+    return Assignment(rows, counts, n_merged, small, notes)
+
+
+def _filter_params_hash(conn, dataset: str, filter_id: str) -> str | None:
+    runs = conn.execute("SELECT DISTINCT dataset, params_hash FROM filter_runs WHERE filter_id = ?", [filter_id]).fetchall()
+    if not runs:
+        raise SplitError(f"filter {filter_id!r} has no filter_runs row: materialize filtered_images for {dataset!r} first")
+    if any(d != dataset for d, _ in runs):
+        raise SplitError(f"filter {filter_id!r} belongs to dataset {runs[0][0]!r}, not {dataset!r}")
+    return runs[0][1]
+
+
+def _load_filtered(conn, dataset: str, filter_id: str, split_column: str) -> pa.Table:
+    items = conn.sql(
+        """SELECT f.image_id, coalesce(i.label, ?) AS label,
+                  i.attributes ->> ('$."' || ? || '"') AS official, i.image_id IS NOT NULL AS known
+           FROM filtered_images f LEFT JOIN images i ON i.image_id = f.image_id AND i.dataset = ?
+           WHERE f.filter_id = ?""",
+        params=[NO_LABEL, split_column, dataset, filter_id],
+    ).to_arrow_table()
+    if items.num_rows == 0:
+        raise SplitError(f"filter {filter_id!r} of dataset {dataset!r} kept no images: nothing to split")
+    unknown = items.filter(pc.invert(items["known"]))
+    if unknown.num_rows:
+        raise SplitError(
+            f"filter {filter_id!r}: {unknown.num_rows} filtered images are not images of dataset {dataset!r} "
+            f"(e.g. {unknown['image_id'][0]}); the filter and the dataset do not match"
+        )
+    return items.drop(["known"])
+
+
+# Members: one row per filtered image with its group id; units: one row per group (the thing that is
+# assigned), its key for ranking (smallest member image_id, whatever the caller named the group),
+# its size and its stratum (majority label, ties to the first label).
+_STAGE_SQL = """
+CREATE TEMP TABLE members AS
+    SELECT i.image_id, i.label, i.official, coalesce(g.gid, i.image_id) AS gid
+    FROM items i LEFT JOIN group_map g USING (image_id);
+CREATE TEMP TABLE units AS
+    WITH votes AS (SELECT gid, label, count(*) AS n FROM members GROUP BY gid, label),
+         majority AS (SELECT gid, label FROM votes QUALIFY row_number() OVER (PARTITION BY gid ORDER BY n DESC, label) = 1)
+    SELECT m.gid, min(m.image_id) AS key, count(*) AS size, any_value(j.label) AS stratum
+    FROM members m JOIN majority j USING (gid) GROUP BY m.gid;
+CREATE TEMP TABLE strata AS
+    SELECT stratum, sum(size) AS n, count(*) AS n_groups, max(size) AS largest FROM units GROUP BY stratum;
+-- Largest-remainder targets per stratum and part (ties: train, val, test). A part with a 0 % share
+-- has remainder 0 and so never gets a seat.
+CREATE TEMP TABLE targets AS
+    SELECT stratum, part, ord, pct,
+           n * pct // 100 + CASE WHEN row_number() OVER (PARTITION BY stratum ORDER BY (n * pct) % 100 DESC, ord)
+                                      <= n - sum(n * pct // 100) OVER (PARTITION BY stratum) THEN 1 ELSE 0 END AS target
+    FROM strata, parts;
+-- Small strata cannot put an image in every part with a share: they stay whole in train.
+CREATE TEMP TABLE small AS
+    SELECT s.stratum FROM strata s JOIN targets t USING (stratum)
+    GROUP BY s.stratum, s.n_groups
+    HAVING bool_or(t.pct > 0 AND t.target = 0) OR s.n_groups < count(*) FILTER (WHERE t.pct > 0);
+"""
+
+# Rank groups within their stratum by md5(seed:key) and cut at the cumulative targets; a group goes to
+# the part its midpoint (start + size/2, doubled to stay in integers) falls in.
+_RATIO_UNIT_PARTS = """
+WITH bounds AS (
+    SELECT stratum, sum(target) FILTER (WHERE ord = 0) AS b1, sum(target) FILTER (WHERE ord <= 1) AS b2
+    FROM targets GROUP BY stratum
+), placed AS (
+    SELECT gid, stratum, size,
+           sum(size) OVER (PARTITION BY stratum ORDER BY md5($1 || ':' || key), key ROWS UNBOUNDED PRECEDING) - size AS start
+    FROM units
+)
+SELECT p.gid, CASE WHEN s.stratum IS NOT NULL THEN 'train'
+                   WHEN 2 * start + size < 2 * b1 THEN 'train'
+                   WHEN 2 * start + size < 2 * b2 THEN 'val'
+                   ELSE 'test' END AS part
+FROM placed p JOIN bounds b USING (stratum) LEFT JOIN small s USING (stratum)
+"""
+
+_OFFICIAL_PART = "CASE lower(trim(official)) " + " ".join(
+    f"WHEN '{raw}' THEN '{part}'" for raw, part in OFFICIAL_NAMES.items()) + " END"
+
+# A group spanning official parts goes wholly to its most held-out part: test, then val, then train.
+_OFFICIAL_UNIT_PARTS = f"""
+SELECT gid, ['train', 'val', 'test'][max(list_position(['train', 'val', 'test'], {_OFFICIAL_PART}))] AS part
+FROM members GROUP BY gid
+"""
+
+
+def _stage(conn, items: pa.Table, groups: dict[str, str] | None, ratios: tuple[int, int, int] | None) -> None:
+    group_map = pa.table({"image_id": pa.array(list(groups or {}), pa.string()),
+                          "gid": pa.array(list((groups or {}).values()), pa.string())})
+    conn.register("items", items)
+    conn.register("group_map", group_map)
+    conn.execute("CREATE TEMP TABLE parts (part VARCHAR, ord INTEGER, pct INTEGER)")
+    conn.executemany("INSERT INTO parts VALUES (?, ?, ?)",
+                     [(p, i, r) for i, (p, r) in enumerate(zip(PARTS, ratios or (0, 0, 0)))])
+    conn.execute(_STAGE_SQL)
+
+
+def _check_official(conn) -> None:
+    bad = conn.execute(
+        f"SELECT count(*), list(DISTINCT coalesce(official, '<missing>'))[:5], min(image_id) FROM members WHERE {_OFFICIAL_PART} IS NULL"
+    ).fetchall()[0]
+    if bad[0]:
+        raise SplitError(
+            f"official split: {bad[0]} images have no usable official part (values {bad[1]}, e.g. image {bad[2]}); "
+            f"allowed: train, val, test (validation/valid mean val). Check the dataset's split_column."
+        )
+
+
+def _official_notes(conn) -> list[str]:
+    moved = conn.execute(
+        f"SELECT count(*) FROM members m JOIN unit_parts p USING (gid) WHERE {_OFFICIAL_PART} <> p.part"
+    ).fetchall()[0][0]
+    if not moved:
+        return []
+    return [f"{moved} images moved from their official part so that each near-duplicate group is in one part "
+            f"(a group spanning parts goes to test, else val)"]
+
+
+def _ratio_messages(conn, ratios: tuple[int, int, int]) -> tuple[list[str], list[str]]:
+    scheme = "/".join(map(str, ratios))
+    small = [
+        f"class {stratum!r}: {n} images in {n_groups} groups, too few for {scheme} (every part with a share needs "
+        f"at least one); all kept in train, so {' and '.join(p for p, r in zip(PARTS[1:], ratios[1:]) if r)} "
+        f"have no {stratum!r} images"
+        for stratum, n, n_groups in conn.execute(
+            "SELECT stratum, n, n_groups FROM strata JOIN small USING (stratum) ORDER BY stratum").fetchall()
+    ]
+    notes = [
+        f"class {stratum!r}: {part} got no images although its target is {target}: the class's near-duplicate "
+        f"groups (largest {largest} images) are larger than that"
+        for stratum, part, target, largest in conn.execute(
+            """SELECT t.stratum, t.part, t.target, s.largest FROM targets t JOIN strata s USING (stratum)
+               WHERE t.pct > 0 AND t.stratum NOT IN (SELECT stratum FROM small)
+                 AND NOT EXISTS (SELECT 1 FROM units u JOIN unit_parts p USING (gid)
+                                 WHERE u.stratum = t.stratum AND p.part = t.part)
+               ORDER BY ALL""").fetchall()
+    ]
+    return small, notes
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks and metadata
+
+class CheckOutcome(NamedTuple):
+    name: str
+    passed: bool
+    details: str
+
+
+def verify_split(
+    db: Database,
+    split_id: str,
+    filter_id: str,
+    groups: dict[str, str] | None,
+    scheme: str,
+    split_column: str = "split",
+) -> list[CheckOutcome]:
+    """The blocking checks on a stored split: parts valid and disjoint, every filtered image assigned
+    exactly once, no near-duplicate group across parts, and per-class proportions within tolerance
+    (ratio schemes) or the manifest's parts kept (official)."""
+    ratios = parse_scheme(scheme)
+    with db.connect() as conn:
+        datasets = [d for (d,) in conn.execute("SELECT DISTINCT dataset FROM filter_runs WHERE filter_id = ?", [filter_id]).fetchall()]
+        if not datasets:
+            return [CheckOutcome("filter_known", False, f"filter {filter_id!r} has no filter_runs row")]
+        items = _load_filtered(conn, datasets[0], filter_id, split_column)
+        stored = conn.sql("SELECT image_id, part FROM splits WHERE split_id = ?", params=[split_id]).to_arrow_table()
+    with duckdb.connect(config=CONNECTION_CONFIG) as conn:
+        _stage(conn, items, groups, ratios)
+        conn.register("stored", stored)
+        outcomes = [_check_parts(conn), _check_coverage(conn), _check_groups(conn)]
+        outcomes.append(_check_official_parts(conn) if ratios is None else _check_proportions(conn))
+    return outcomes
+
+
+def _examples(values) -> str:
+    return ", ".join(str(v) for v in values[:5]) + (" ..." if len(values) > 5 else "")
+
+
+def _check_parts(conn) -> CheckOutcome:
+    bad_parts, two_parts = conn.execute(
+        f"""SELECT list(DISTINCT part) FILTER (WHERE part NOT IN {PARTS}),
+                   (SELECT list(image_id) FROM (SELECT image_id FROM stored GROUP BY image_id HAVING count(DISTINCT part) > 1))
+            FROM stored"""
+    ).fetchall()[0]
+    bad_parts, two_parts = bad_parts or [], two_parts or []
+    ok = not bad_parts and not two_parts
+    details = "every row is train, val or test and no image is in two parts" if ok else (
+        f"unknown parts: {bad_parts}; images in two parts: {len(two_parts)} ({_examples(two_parts)})")
+    return CheckOutcome("parts_disjoint", ok, details)
+
+
+def _check_coverage(conn) -> CheckOutcome:
+    missing, extra, repeated, n_stored = conn.execute(
+        """SELECT (SELECT list(image_id) FROM members ANTI JOIN stored USING (image_id)),
+                  (SELECT list(DISTINCT image_id) FROM stored ANTI JOIN members USING (image_id)),
+                  (SELECT list(image_id) FROM (SELECT image_id FROM stored GROUP BY image_id HAVING count(*) > 1)),
+                  (SELECT count(*) FROM stored)"""
+    ).fetchall()[0]
+    missing, extra, repeated = missing or [], extra or [], repeated or []
+    ok = not (missing or extra or repeated)
+    details = f"{n_stored} rows, one per filtered image" if ok else (
+        f"filtered but unassigned: {len(missing)} ({_examples(missing)}); assigned but not filtered: {len(extra)} "
+        f"({_examples(extra)}); assigned more than once: {len(repeated)} ({_examples(repeated)})")
+    return CheckOutcome("every_image_assigned_once", ok, details)
+
+
+def _check_groups(conn) -> CheckOutcome:
+    spanning = conn.execute(
+        """SELECT u.key, list(DISTINCT s.part ORDER BY s.part) FROM members m JOIN units u USING (gid)
+           JOIN stored s USING (image_id) WHERE u.size > 1
+           GROUP BY u.key HAVING count(DISTINCT s.part) > 1 ORDER BY u.key"""
+    ).fetchall()
+    n_groups = conn.execute("SELECT count(*) FROM units WHERE size > 1").fetchall()[0][0]
+    details = f"{n_groups} near-duplicate groups, each in one part" if not spanning else (
+        f"{len(spanning)} of {n_groups} near-duplicate groups span parts: "
+        + _examples([f"{key} in {parts}" for key, parts in spanning]))
+    return CheckOutcome("duplicate_groups_in_one_part", not spanning, details)
+
+
+def _check_proportions(conn) -> CheckOutcome:
+    """Per stratum and part, |count - largest-remainder target| <= 2*floor(largest group/2) (0 for
+    singletons: each boundary moves by at most half a group); small strata must be wholly in train."""
+    off = conn.execute(
+        """WITH actual AS (
+               SELECT u.stratum, s.part, count(*) AS n FROM stored s JOIN members m USING (image_id)
+               JOIN units u USING (gid) GROUP BY ALL)
+           SELECT t.stratum, t.part, coalesce(a.n, 0) AS n,
+                  CASE WHEN sm.stratum IS NULL THEN t.target WHEN t.ord = 0 THEN st.n ELSE 0 END AS expected,
+                  CASE WHEN sm.stratum IS NULL THEN 2 * (st.largest // 2) ELSE 0 END AS tolerance
+           FROM targets t JOIN strata st USING (stratum) LEFT JOIN actual a USING (stratum, part)
+           LEFT JOIN small sm USING (stratum)
+           WHERE abs(coalesce(a.n, 0) - expected) > tolerance ORDER BY ALL"""
+    ).fetchall()
+    n_strata = conn.execute("SELECT count(*) FROM strata").fetchall()[0][0]
+    details = f"{n_strata} classes, every part within tolerance of its target" if not off else (
+        f"{len(off)} class/part counts off target: "
+        + _examples([f"{s}/{p}: {n} (target {e} +- {tol})" for s, p, n, e, tol in off]))
+    return CheckOutcome("proportions", not off, details)
+
+
+def _check_official_parts(conn) -> CheckOutcome:
+    wrong = conn.execute(
+        f"""WITH expected AS ({_OFFICIAL_UNIT_PARTS})
+            SELECT m.image_id, s.part, e.part FROM members m JOIN expected e USING (gid)
+            JOIN stored s USING (image_id) WHERE s.part IS DISTINCT FROM e.part ORDER BY 1"""
+    ).fetchall()
+    details = "every image is in its manifest part (or its near-duplicate group's)" if not wrong else (
+        f"{len(wrong)} images not in their official part: " + _examples([f"{i} in {p}, expected {e}" for i, p, e in wrong]))
+    return CheckOutcome("official_parts", not wrong, details)
+
+
+def counts_markdown(counts: dict[str, dict[str, int]]) -> str:
+    """A class x part table of image counts with totals, as Markdown."""
+    lines = ["| class | " + " | ".join(PARTS) + " | total |", "|---|" + "---:|" * (len(PARTS) + 1)]
+    for label in sorted(counts):
+        row = [counts[label].get(p, 0) for p in PARTS]
+        lines.append(f"| {label} | " + " | ".join(map(str, row)) + f" | {sum(row)} |")
+    totals = [sum(c.get(p, 0) for c in counts.values()) for p in PARTS]
+    lines.append("| **total** | " + " | ".join(map(str, totals)) + f" | {sum(totals)} |")
+    return "\n".join(lines)
