@@ -1,0 +1,464 @@
+"""Evaluation: metrics from predictions, stored as `metrics` and `predictions` rows, shown as tables and plots.
+
+Pure functions first (`classification_metrics`, `regression_metrics`, `bootstrap_ci`), then the
+writer (`write_evaluation`: one transaction, idempotent) and the views (`headline_markdown`,
+`confusion_png`, `comparison_markdown`).
+
+Plain numpy, not scikit-learn: it is not installed, and every metric here is a few lines over a
+confusion matrix, which also lets the bootstrap compute all resamples at once (a batched bincount).
+Conventions follow scikit-learn's `zero_division=0`: a class never predicted has precision 0, a class
+with no true samples recall 0, and F1 is 0 where precision + recall is 0 (never NaN). Macro averages
+run over the classes present in the labels or the predictions (scikit-learn's default).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from emopipe.catalog import ExperimentSpec, Reference
+from emopipe.db import Database
+from emopipe.errors import UserError
+
+BOOTSTRAP_RESAMPLES = 1000
+BOOTSTRAP_SEED = 0
+CI_LEVEL = 0.95
+TOP_K = (2, 3, 5)  # reported where k < number of classes (top-k over all classes is always 1)
+# Resampled indices are drawn in chunks of about this many elements (8 bytes each), bounding memory.
+_CHUNK_ELEMENTS = 4_000_000
+# Metrics whose stored value is a fraction but whose reference (and table cell) is in percent.
+_PERCENT = ("accuracy",)
+
+
+class EvaluationError(UserError):
+    """Nothing left to evaluate, or a class map that names classes the model does not have."""
+
+
+@dataclass(frozen=True)
+class MetricRow:
+    """One number: `class_name` None for overall metrics; dataset/part filled by write_evaluation."""
+
+    metric: str
+    value: float
+    class_name: str | None = None
+    ci_low: float | None = None
+    ci_high: float | None = None
+    n: int | None = None
+    dataset: str | None = None
+    part: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure metrics
+
+
+def bootstrap_ci(
+    statistic: Callable[[np.ndarray], np.ndarray],
+    n: int,
+    *,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+    level: float = CI_LEVEL,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval. `statistic` maps a (B, n) array of resampled row indices to B values."""
+    rng = np.random.default_rng(seed)
+    chunk = max(1, _CHUNK_ELEMENTS // max(n, 1))
+    values = np.concatenate([
+        statistic(rng.integers(0, n, size=(min(chunk, resamples - start), n)))
+        for start in range(0, resamples, chunk)
+    ])
+    tail = (1 - level) / 2 * 100
+    low, high = np.nanpercentile(values, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, n_classes: int) -> np.ndarray:
+    """Counts (n_classes, n_classes): rows are true classes, columns predicted ones."""
+    return _confusion_batch(np.asarray(labels)[None], np.asarray(predicted)[None], n_classes)[0]
+
+
+def row_normalized(matrix: np.ndarray) -> np.ndarray:
+    """Each row divided by its total (recall on the diagonal); rows without samples stay 0."""
+    totals = matrix.sum(1, keepdims=True)
+    return np.divide(matrix, totals, out=np.zeros(matrix.shape), where=totals > 0)
+
+
+def _confusion_batch(labels: np.ndarray, predicted: np.ndarray, c: int) -> np.ndarray:
+    """(B, N) labels and predictions -> (B, C, C) confusion matrices in one bincount."""
+    b = labels.shape[0]
+    codes = (np.arange(b)[:, None] * c + labels) * c + predicted
+    return np.bincount(codes.ravel(), minlength=b * c * c).reshape(b, c, c)
+
+
+def _f1_per_class(cm: np.ndarray) -> np.ndarray:
+    """F1 = 2 TP / (true + predicted count): equal to 2PR/(P+R), and 0 where that is 0/0."""
+    tp = np.diagonal(cm, axis1=-2, axis2=-1)
+    denominator = cm.sum(-1) + cm.sum(-2)
+    return np.divide(2 * tp, denominator, out=np.zeros(tp.shape), where=denominator > 0)
+
+
+def _macro_f1(cm: np.ndarray) -> np.ndarray:
+    """Mean F1 over the classes present in labels or predictions; works on (C, C) or (B, C, C)."""
+    present = (cm.sum(-1) + cm.sum(-2)) > 0
+    return (_f1_per_class(cm) * present).sum(-1) / present.sum(-1)
+
+
+def classification_metrics(
+    labels: np.ndarray,
+    scores: np.ndarray,
+    classes: Sequence[str],
+    *,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+) -> list[MetricRow]:
+    """Accuracy, macro/weighted F1, top-k, per-class precision/recall/F1 and the confusion matrix.
+
+    labels: (N,) class indices; scores: (N, C) probabilities or logits (argmax = prediction).
+    Accuracy and macro-F1 carry bootstrap CIs (none when resamples is 0). Confusion cells are rows
+    `confusion_count` / `confusion_rate` (row-normalized) with class "<true>-><predicted>".
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    scores = np.asarray(scores)
+    n, c = scores.shape
+    if n == 0 or len(labels) != n or c != len(classes):
+        raise ValueError(f"need N > 0 labels for scores of shape (N, {len(classes)}); got {len(labels)} and {scores.shape}")
+    predicted = scores.argmax(1)
+    cm = confusion_matrix(labels, predicted, c)
+    correct = labels == predicted
+    support, predicted_count, tp = cm.sum(1), cm.sum(0), np.diagonal(cm)
+    precision = np.divide(tp, predicted_count, out=np.zeros(c), where=predicted_count > 0)
+    recall = np.divide(tp, support, out=np.zeros(c), where=support > 0)
+    f1 = _f1_per_class(cm)
+
+    def ci(statistic) -> tuple[float | None, float | None]:
+        return bootstrap_ci(statistic, n, resamples=resamples, seed=seed) if resamples > 0 else (None, None)
+
+    rows = [
+        MetricRow("accuracy", float(correct.mean()), None, *ci(lambda idx: correct[idx].mean(1)), n=n),
+        MetricRow("macro_f1", float(_macro_f1(cm)), None,
+                  *ci(lambda idx: _macro_f1(_confusion_batch(labels[idx], predicted[idx], c))), n=n),
+        MetricRow("weighted_f1", float((f1 * support).sum() / n), n=n),
+    ]
+    # Stable sort: among tied scores the lower class index ranks first, as argmax does.
+    ranking = np.argsort(-scores, axis=1, kind="stable")
+    for k in TOP_K:
+        if k < c:
+            hits = (ranking[:, :k] == labels[:, None]).any(1)
+            rows.append(MetricRow(f"top{k}_accuracy", float(hits.mean()), n=n))
+    for i, name in enumerate(classes):
+        rows += [MetricRow(metric, float(values[i]), name, n=int(support[i]))
+                 for metric, values in (("precision", precision), ("recall", recall), ("f1", f1))]
+    rates = row_normalized(cm)
+    for i, true in enumerate(classes):
+        for j, pred in enumerate(classes):
+            rows.append(MetricRow("confusion_count", float(cm[i, j]), f"{true}->{pred}", n=int(support[i])))
+            rows.append(MetricRow("confusion_rate", float(rates[i, j]), f"{true}->{pred}", n=int(support[i])))
+    return rows
+
+
+def pearson_r(x: np.ndarray, y: np.ndarray) -> float:
+    """Pearson correlation over the pairs where both are finite; NaN (no warning) when undefined."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    both = np.isfinite(x) & np.isfinite(y)
+    if both.sum() < 2:
+        return float("nan")
+    dx, dy = x[both] - x[both].mean(), y[both] - y[both].mean()
+    denominator = np.sqrt((dx * dx).sum() * (dy * dy).sum())
+    return float((dx * dy).sum() / denominator) if denominator > 0 else float("nan")
+
+
+def regression_metrics(
+    targets: np.ndarray,
+    preds: np.ndarray,
+    names: Sequence[str],
+    *,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+) -> list[MetricRow]:
+    """MSE and MAE overall (with bootstrap CIs), and MSE, MAE, Pearson r per target (class = target name).
+
+    targets, preds: (N, T). A NaN (a missing annotation) drops that one value, not the sample.
+    """
+    t = np.asarray(targets, dtype=np.float64).reshape(len(targets), -1)
+    p = np.asarray(preds, dtype=np.float64).reshape(len(preds), -1)
+    if t.shape != p.shape or t.shape[1] != len(names) or len(t) == 0:
+        raise ValueError(f"targets {t.shape} and preds {p.shape} must both be (N > 0, {len(names)})")
+    finite = np.isfinite(t) & np.isfinite(p)
+    error = np.where(finite, p - t, 0.0)
+    errors = {"mse": error**2, "mae": np.abs(error)}
+    per_sample, per_target = finite.sum(1), finite.sum(0)
+    if not per_sample.any():
+        raise ValueError("no finite (target, prediction) pair to evaluate")
+    rows = []
+    for metric, err in errors.items():
+        sample_sum = err.sum(1)
+        ci = (bootstrap_ci(lambda idx: sample_sum[idx].sum(1) / per_sample[idx].sum(1), len(t), resamples=resamples, seed=seed)
+              if resamples > 0 else (None, None))
+        rows.append(MetricRow(metric, float(sample_sum.sum() / per_sample.sum()), None, *ci, n=int((per_sample > 0).sum())))
+    target_means = {m: np.divide(e.sum(0), per_target, out=np.full(len(names), np.nan), where=per_target > 0)
+                    for m, e in errors.items()}
+    for j, name in enumerate(names):
+        rows += [MetricRow(m, float(target_means[m][j]), name, n=int(per_target[j])) for m in errors]
+        rows.append(MetricRow("pearson_r", pearson_r(t[:, j], p[:, j]), name, n=int(per_target[j])))
+    return rows
+
+
+def map_labels(labels: Sequence[str | None], classes: Sequence[str], class_map: Mapping[str, str] | None = None) -> np.ndarray:
+    """Class index per label, -1 where the label maps to no class (excluded from the evaluation).
+
+    class_map maps a dataset's labels to the model's classes; '*' maps every other label. Without a
+    map, labels are taken as class names. Raises EvaluationError if the map targets an unknown class.
+    """
+    index = {name: i for i, name in enumerate(classes)}
+    unknown = sorted({v for v in (class_map or {}).values()} - set(index))
+    if unknown:
+        raise EvaluationError(f"class_map maps to {unknown}, which the model does not predict; its classes: {list(classes)}")
+    if class_map:
+        fallback = class_map.get("*")
+        labels = [None if label is None else class_map.get(label, fallback) for label in labels]
+    return np.array([index.get(label, -1) if label is not None else -1 for label in labels], dtype=np.int64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stored rows
+
+
+def write_evaluation(
+    db: Database,
+    *,
+    experiment: str,
+    model_id: str,
+    split_id: str,
+    dataset: str,
+    part: str,
+    image_ids: Sequence[str],
+    labels: Sequence[str | None] | np.ndarray,
+    scores: np.ndarray,
+    classes: Sequence[str],
+    task: str = "classification",
+    class_map: Mapping[str, str] | None = None,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+) -> list[MetricRow]:
+    """Compute the metrics of one (dataset, part) and store them with one predictions row per image.
+
+    classification: labels are the dataset's label strings (mapped by class_map, see map_labels;
+    unmapped images are excluded and counted in an `excluded` row), scores (N, C) over `classes`.
+    regression: labels are (N, T) targets, scores (N, T) outputs, classes the target names.
+    Replaces earlier rows of the same (experiment, model_id, dataset, part) in one transaction.
+    """
+    if len(set(image_ids)) != len(image_ids) or len(labels) != len(image_ids) or len(scores) != len(image_ids):
+        raise ValueError("image_ids must be unique and as many as labels and scores")
+    # Sorted by image_id, so the stored rows and the bootstrap CIs depend on the set, not its order.
+    order = sorted(range(len(image_ids)), key=image_ids.__getitem__)
+    ids = [image_ids[i] for i in order]
+    # float64 of what the model gave: the JSON stored below round-trips exactly these values, so
+    # trace.verify recomputes the very same numbers from the predictions rows.
+    values = np.asarray(scores, dtype=np.float64)[order]
+    if task == "classification":
+        try:
+            label_index = map_labels([labels[i] for i in order], classes, class_map)
+        except EvaluationError as e:
+            raise EvaluationError(f"experiment {experiment}, dataset {dataset}: {e}") from None
+        keep = label_index >= 0
+        if not keep.any():
+            raise EvaluationError(f"experiment {experiment}: no image of dataset {dataset} ({part}) has a label among "
+                                  f"{list(classes)}; declare a class_map for it in eval_datasets")
+        rows = classification_metrics(label_index[keep], values[keep], classes, resamples=resamples, seed=seed)
+        excluded = int((~keep).sum())
+        if excluded:
+            rows.append(MetricRow("excluded", float(excluded), n=excluded))
+        ids = [i for i, k in zip(ids, keep) if k]
+        label_text = [classes[i] for i in label_index[keep]]
+        predicted_text = [classes[i] for i in values[keep].argmax(1)]
+        score_json = [_json_object(classes, row) for row in values[keep]]
+    elif task == "regression":
+        targets = np.asarray(labels, dtype=np.float64)[order]
+        rows = regression_metrics(targets, values, classes, resamples=resamples, seed=seed)
+        label_text = [_json_object(classes, row) for row in targets]
+        predicted_text = score_json = [_json_object(classes, row) for row in values]
+    else:
+        raise ValueError(f"task must be classification or regression, not {task!r}")
+    rows = [replace(r, dataset=dataset, part=part) for r in rows]
+
+    metric_table = pa.table({
+        "experiment": [experiment] * len(rows), "model_id": [model_id] * len(rows), "split_id": [split_id] * len(rows),
+        "dataset": [dataset] * len(rows), "part": [part] * len(rows),
+        "metric": [r.metric for r in rows], "class": [r.class_name for r in rows],
+        "value": pa.array([r.value for r in rows], pa.float64()), "ci_low": pa.array([r.ci_low for r in rows], pa.float64()),
+        "ci_high": pa.array([r.ci_high for r in rows], pa.float64()), "n": pa.array([r.n for r in rows], pa.int64()),
+    })
+    prediction_table = pa.table({
+        "model_id": [model_id] * len(ids), "dataset": [dataset] * len(ids), "image_id": ids, "part": [part] * len(ids),
+        "label": label_text, "predicted": predicted_text, "scores": score_json,
+    })
+    with db.transaction() as conn:
+        conn.execute("DELETE FROM metrics WHERE experiment = ? AND model_id = ? AND dataset = ? AND part = ?",
+                     [experiment, model_id, dataset, part])
+        conn.execute("DELETE FROM predictions WHERE model_id = ? AND dataset = ? AND part = ?", [model_id, dataset, part])
+        for name, table, columns in (
+            ("metrics", metric_table, "experiment, model_id, split_id, dataset, part, metric, class, value, ci_low, ci_high, n"),
+            ("predictions", prediction_table, "model_id, dataset, image_id, part, label, predicted, scores"),
+        ):
+            conn.register("incoming", table)
+            conn.execute(f"INSERT INTO {name} ({columns}) SELECT {columns} FROM incoming")
+            conn.unregister("incoming")
+    return rows
+
+
+def _json_object(names: Sequence[str], values: np.ndarray) -> str:
+    """{name: value} in the given order; NaN (a missing target) as null, since JSON has no NaN."""
+    return json.dumps({k: v if math.isfinite(v) else None for k, v in zip(names, values.tolist())})
+
+
+def confusion_from_rows(rows: Sequence[MetricRow], classes: Sequence[str]) -> np.ndarray:
+    """The counts matrix back from `confusion_count` rows (of one dataset and part)."""
+    index = {name: i for i, name in enumerate(classes)}
+    matrix = np.zeros((len(classes), len(classes)), dtype=np.int64)
+    for r in rows:
+        if r.metric == "confusion_count":
+            true, pred = r.class_name.split("->")
+            matrix[index[true], index[pred]] = int(r.value)
+    return matrix
+
+
+# ---------------------------------------------------------------------------------------------
+# Views
+
+
+def _cell(metric: str, value: float | None, low: float | None = None, high: float | None = None) -> str:
+    if value is None or value != value:
+        return "—"
+    if metric in _PERCENT:
+        text = f"{value * 100:.2f} %"
+        return text + (f" [{low * 100:.1f}, {high * 100:.1f}]" if low is not None else "")
+    digits = 3 if metric.endswith("f1") else 4
+    return f"{value:.{digits}f}" + (f" [{low:.{digits}f}, {high:.{digits}f}]" if low is not None else "")
+
+
+def _reference_cells(reference: Reference | None, values: Mapping[str, float | None]) -> tuple[str, str]:
+    """(reference, difference) cells; the difference is in points for accuracy (reference in %)."""
+    if reference is None:
+        return "", ""
+    ref_text = f"{reference.value:g}{' %' if reference.metric in _PERCENT else ''} {reference.metric}"
+    if reference.source:
+        ref_text += f" ({reference.source})"
+    ours = values.get(reference.metric)
+    if ours is None or ours != ours:
+        return ref_text, "—"
+    if reference.metric in _PERCENT:
+        return ref_text, f"{ours * 100 - reference.value:+.2f} pts"
+    return ref_text, f"{ours - reference.value:+.4g}"
+
+
+_HEADLINE = (("accuracy", "accuracy % [95 % CI]"), ("macro_f1", "macro-F1 [95 % CI]"),
+             ("mse", "MSE [95 % CI]"), ("mae", "MAE [95 % CI]"))
+
+
+def headline_markdown(
+    rows: Sequence[MetricRow], reference: Reference | None = None, *, reference_dataset: str | None = None
+) -> str:
+    """A Markdown table: one line per (dataset, part) with the headline metrics, their CIs and n.
+
+    The reference (the catalog's published number) is set beside the test part of reference_dataset
+    (default: the first dataset in rows), with our value minus it.
+    """
+    overall = {(r.dataset, r.part, r.metric): r for r in rows if r.class_name is None}
+    groups = list(dict.fromkeys((r.dataset, r.part) for r in rows))
+    columns = [(m, title) for m, title in _HEADLINE if any(key[2] == m for key in overall)]
+    reference_dataset = reference_dataset or (groups[0][0] if groups else None)
+    header = ["dataset", "part", "n", *(title for _, title in columns)]
+    if reference:
+        header += ["reference", "difference"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for dataset, part in groups:
+        found = {m: overall.get((dataset, part, m)) for m, _ in columns}
+        n = next((r.n for r in found.values() if r is not None), None)
+        cells = [str(dataset), str(part), str(n)]
+        cells += [_cell(m, r.value, r.ci_low, r.ci_high) if r else "—" for m, r in found.items()]
+        if reference:
+            shown = reference if (dataset == reference_dataset and part == "test") else None
+            values = {m: r.value for m, r in found.items() if r is not None}
+            cells += list(_reference_cells(shown, values))
+        lines.append("| " + " | ".join(cells) + " |")
+    excluded = [(d, p, r.value) for (d, p, m), r in overall.items() if m == "excluded" and r.value > 0]
+    notes = [f"{d} ({p}): {int(v)} images excluded (their label maps to no class)" for d, p, v in excluded]
+    # A blank line ends the table: a plain line right below it would render as one more row.
+    return "\n".join(lines) + "".join(f"\n\n{note}" for note in notes) + "\n"
+
+
+def confusion_png(matrix: np.ndarray, classes: Sequence[str], path: str | os.PathLike) -> Path:
+    """The row-normalized confusion matrix as a heat map, each cell annotated with rate and count."""
+    # Figure + the Agg canvas directly: no pyplot, so no global backend or figure registry is touched.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    matrix = np.asarray(matrix)
+    rates = row_normalized(matrix)
+    c = len(classes)
+    side = max(4.0, 0.7 * c + 2.5)
+    fig = Figure(figsize=(side + 1, side), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
+    ax.set_xticks(range(c), labels=classes, rotation=45, ha="right")
+    ax.set_yticks(range(c), labels=classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if c <= 20:
+        for i in range(c):
+            for j in range(c):
+                ax.text(j, i, f"{rates[i, j]:.2f}\n({matrix[i, j]})", ha="center", va="center", fontsize=8,
+                        color="white" if rates[i, j] > 0.5 else "black")
+    ax.set_title(f"confusion (n = {int(matrix.sum())})")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Written beside the target, then renamed: a reader never sees a half-written PNG.
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".png", delete=False) as tmp:
+        fig.savefig(tmp, format="png")
+    os.replace(tmp.name, path)
+    return path
+
+
+def comparison_markdown(db: Database, experiments: Mapping[str, ExperimentSpec] | None = None) -> str:
+    """One line per (experiment, dataset, part) for each experiment's latest evaluated model.
+
+    experiments (the catalog's): each one's reference is shown beside the test part of its dataset.
+    """
+    with db.connect() as conn:
+        found = conn.execute("""
+            WITH latest AS (
+                SELECT experiment, arg_max(model_id, created_at) AS model_id FROM metrics GROUP BY experiment)
+            SELECT experiment, dataset, part, model_id, split_id, metric, value, ci_low, ci_high, n
+            FROM metrics JOIN latest USING (experiment, model_id)
+            WHERE class IS NULL AND metric IN ('accuracy', 'macro_f1', 'mse', 'mae')
+            ORDER BY experiment, dataset, part DESC
+        """).fetchall()
+    table: dict[tuple, dict] = {}
+    for experiment, dataset, part, model_id, split_id, metric, value, low, high, n in found:
+        line = table.setdefault((experiment, dataset, part), {"model": model_id, "split": split_id, "n": n})
+        line[metric] = (value, low, high)
+    columns = [(m, title) for m, title in _HEADLINE if any(m in line for line in table.values())]
+    experiments = experiments or {}
+    header = ["experiment", "dataset", "part", "model", "split", "n", *(t for _, t in columns), "reference", "difference"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for (experiment, dataset, part), line in table.items():
+        cells = [experiment, dataset, part, line["model"][:12], line["split"][:12], str(line["n"])]
+        cells += [_cell(m, *line[m]) if m in line else "—" for m, _ in columns]
+        spec = experiments.get(experiment)
+        shown = spec.reference if spec and dataset == spec.dataset and part == "test" else None
+        cells += list(_reference_cells(shown, {m: line[m][0] for m, _ in columns if m in line}))
+        lines.append("| " + " | ".join(cells) + " |")
+    if not table:
+        return "No experiment has been evaluated yet.\n"
+    return "\n".join(lines) + "\n"
