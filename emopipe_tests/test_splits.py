@@ -180,6 +180,22 @@ def test_a_class_too_small_for_every_part_stays_in_train_with_a_message(db):
     assert_checks_pass(db, result)
 
 
+def test_a_part_emptied_by_a_large_duplicate_group_is_reported(db):
+    labels = class_sizes({"big": 100, "clumpy": 10})
+    add_images(db, labels, "f1")
+    clumpy = sorted(i for i, label in labels.items() if label == "clumpy")
+    groups = {i: clumpy[0] for i in clumpy[:8]}  # one group of 8 and two single images; targets 8/1/1
+    for seed in range(20):
+        result = split(db, scheme="80/10/10", seed=seed, groups=groups)
+        empty = [p for p in ("val", "test") if result.counts["clumpy"][p] == 0]
+        if empty:
+            break
+    assert empty, "no seed left a part of 'clumpy' empty"
+    assert result.small_classes == []
+    assert [n for n in result.notes if "'clumpy'" in n and f"{empty[0]} got no images" in n and "largest 8" in n]
+    assert_checks_pass(db, result, groups=groups)
+
+
 def test_zero_shares_and_bad_schemes(db):
     add_images(db, class_sizes({"a": 50, "b": 31}), "f1")
     result = split(db, scheme="90/10/0")

@@ -8,9 +8,9 @@ How a ratio split ("70/15/15", any "a/b/c" summing to 100) is made:
   with no label counts as the class "(no label)".
 - Targets. Per class, each part's target is its share of the class's images, rounded by largest
   remainder (ties: train, then val, then test), so it is within one image of the exact share.
-- Order and cut. Within a class, groups are ranked by md5("<seed>:<smallest image_id of the group>")
-  (md5 of a string is the same in every DuckDB version and on every machine; DuckDB's `hash()` is
-  not guaranteed to be) and cut where the cumulative image count crosses the targets (a group goes
+- Order and cut. Within a class, groups are ranked by the first 64 bits of
+  md5("<seed>:<smallest image_id of the group>"), ties by that image_id (md5 of a string is the same
+  in every DuckDB version and on every machine; DuckDB's `hash()` is not guaranteed to be), and cut where the cumulative image count crosses the targets (a group goes
   to the part its midpoint falls in). With singleton groups the counts equal the targets exactly;
   with larger groups a part is off by at most the largest group's size.
 - Stability. The rank of an image depends only on the seed and its own group key, so adding m
@@ -207,6 +207,7 @@ def make_split(
             conn.register("new_split_rows", rows.select(["image_id", "part"]))
             conn.execute("INSERT INTO splits SELECT ?, image_id, part FROM new_split_rows", [split_id])
             conn.unregister("new_split_rows")
+        # Keyed by (split_id, experiment): a re-run replaces its row instead of adding one.
         conn.execute(
             """INSERT OR REPLACE INTO split_runs (split_id, experiment, dataset, scheme, ratios, seed, filter_id,
                    filter_params_hash, input_fingerprint, counts, fingerprint)
@@ -233,14 +234,11 @@ def assign_parts(
             conn.execute(f"CREATE TEMP TABLE unit_parts AS {_OFFICIAL_UNIT_PARTS}")
         else:
             conn.execute(f"CREATE TEMP TABLE unit_parts AS {_RATIO_UNIT_PARTS}", [str(seed)])
-        rows = conn.sql(
-            """SELECT m.image_id, m.label, u.key, m.official, p.part
-               FROM members m JOIN units u USING (gid) JOIN unit_parts p USING (gid)"""
-        ).to_arrow_table()
+        conn.execute("CREATE TEMP TABLE assigned AS SELECT m.*, p.key, p.part FROM members m JOIN unit_parts p USING (gid)")
+        # Sorted here (in parallel), so the fingerprints' sort in Python finds sorted runs.
+        rows = conn.sql("SELECT image_id, label, key, official, part FROM assigned ORDER BY image_id").to_arrow_table()
         counts: dict[str, dict[str, int]] = {}
-        for label, part, n in conn.execute(
-            "SELECT m.label, p.part, count(*) FROM members m JOIN unit_parts p USING (gid) GROUP BY ALL ORDER BY ALL"
-        ).fetchall():
+        for label, part, n in conn.execute("SELECT label, part, count(*) FROM assigned GROUP BY ALL ORDER BY ALL").fetchall():
             counts.setdefault(label, dict.fromkeys(PARTS, 0))[part] = n
         n_merged = conn.execute("SELECT count(*) FROM units WHERE size > 1").fetchall()[0][0]
         small, notes = ([], _official_notes(conn)) if ratios is None else _ratio_messages(conn, ratios)
@@ -283,10 +281,13 @@ CREATE TEMP TABLE members AS
     SELECT i.image_id, i.label, i.official, coalesce(g.gid, i.image_id) AS gid
     FROM items i LEFT JOIN group_map g USING (image_id);
 CREATE TEMP TABLE units AS
-    WITH votes AS (SELECT gid, label, count(*) AS n FROM members GROUP BY gid, label),
-         majority AS (SELECT gid, label FROM votes QUALIFY row_number() OVER (PARTITION BY gid ORDER BY n DESC, label) = 1)
-    SELECT m.gid, min(m.image_id) AS key, count(*) AS size, any_value(j.label) AS stratum
-    FROM members m JOIN majority j USING (gid) GROUP BY m.gid;
+    SELECT gid, min(image_id) AS key, count(*) AS size, min(label) AS stratum, min(label) <> max(label) AS mixed
+    FROM members GROUP BY gid;
+-- Only groups with mixed labels need a vote (most units are single images).
+UPDATE units SET stratum = votes.label FROM (
+    SELECT gid, label FROM members WHERE gid IN (SELECT gid FROM units WHERE mixed) GROUP BY gid, label
+    QUALIFY row_number() OVER (PARTITION BY gid ORDER BY count(*) DESC, label) = 1
+) AS votes WHERE units.gid = votes.gid;
 CREATE TEMP TABLE strata AS
     SELECT stratum, sum(size) AS n, count(*) AS n_groups, max(size) AS largest FROM units GROUP BY stratum;
 -- Largest-remainder targets per stratum and part (ties: train, val, test). A part with a 0 % share
@@ -303,18 +304,20 @@ CREATE TEMP TABLE small AS
     HAVING bool_or(t.pct > 0 AND t.target = 0) OR s.n_groups < count(*) FILTER (WHERE t.pct > 0);
 """
 
-# Rank groups within their stratum by md5(seed:key) and cut at the cumulative targets; a group goes to
-# the part its midpoint (start + size/2, doubled to stay in integers) falls in.
+# Rank groups within their stratum by the first 64 bits of md5(seed:key) (ties: key), and cut at the
+# cumulative targets; a group goes to the part its midpoint (start + size/2, doubled to stay in
+# integers) falls in.
 _RATIO_UNIT_PARTS = """
 WITH bounds AS (
     SELECT stratum, sum(target) FILTER (WHERE ord = 0) AS b1, sum(target) FILTER (WHERE ord <= 1) AS b2
     FROM targets GROUP BY stratum
 ), placed AS (
-    SELECT gid, stratum, size,
-           sum(size) OVER (PARTITION BY stratum ORDER BY md5($1 || ':' || key), key ROWS UNBOUNDED PRECEDING) - size AS start
+    SELECT gid, key, stratum, size,
+           sum(size) OVER (PARTITION BY stratum ORDER BY ('0x' || md5($1 || ':' || key)[:16])::UBIGINT, key
+                           ROWS UNBOUNDED PRECEDING) - size AS start
     FROM units
 )
-SELECT p.gid, CASE WHEN s.stratum IS NOT NULL THEN 'train'
+SELECT p.gid, p.key, p.stratum, CASE WHEN s.stratum IS NOT NULL THEN 'train'
                    WHEN 2 * start + size < 2 * b1 THEN 'train'
                    WHEN 2 * start + size < 2 * b2 THEN 'val'
                    ELSE 'test' END AS part
@@ -326,7 +329,7 @@ _OFFICIAL_PART = "CASE lower(trim(official)) " + " ".join(
 
 # A group spanning official parts goes wholly to its most held-out part: test, then val, then train.
 _OFFICIAL_UNIT_PARTS = f"""
-SELECT gid, ['train', 'val', 'test'][max(list_position(['train', 'val', 'test'], {_OFFICIAL_PART}))] AS part
+SELECT gid, min(image_id) AS key, ['train', 'val', 'test'][max(list_position(['train', 'val', 'test'], {_OFFICIAL_PART}))] AS part
 FROM members GROUP BY gid
 """
 
@@ -355,7 +358,7 @@ def _check_official(conn) -> None:
 
 def _official_notes(conn) -> list[str]:
     moved = conn.execute(
-        f"SELECT count(*) FROM members m JOIN unit_parts p USING (gid) WHERE {_OFFICIAL_PART} <> p.part"
+        f"SELECT count(*) FROM assigned WHERE {_OFFICIAL_PART} <> part"
     ).fetchall()[0][0]
     if not moved:
         return []
@@ -378,8 +381,7 @@ def _ratio_messages(conn, ratios: tuple[int, int, int]) -> tuple[list[str], list
         for stratum, part, target, largest in conn.execute(
             """SELECT t.stratum, t.part, t.target, s.largest FROM targets t JOIN strata s USING (stratum)
                WHERE t.pct > 0 AND t.stratum NOT IN (SELECT stratum FROM small)
-                 AND NOT EXISTS (SELECT 1 FROM units u JOIN unit_parts p USING (gid)
-                                 WHERE u.stratum = t.stratum AND p.part = t.part)
+                 AND NOT EXISTS (SELECT 1 FROM unit_parts p WHERE p.stratum = t.stratum AND p.part = t.part)
                ORDER BY ALL""").fetchall()
     ]
     return small, notes

@@ -1,0 +1,109 @@
+"""`python -m emopipe.bench splits [--rows N]`: the DuckDB split of a synthetic N-row manifest against the
+same stratified rank-and-cut in numpy (same run, same data), checked to give the identical assignment;
+then make_split end to end on a DuckDB file, and near-duplicate grouping against brute force."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+
+from emopipe.core.splits import PARTS, assign_parts, duplicate_groups, make_split
+from emopipe.db import Database
+
+
+def numpy_split(ids: np.ndarray, labels: np.ndarray, ratios: tuple[int, int, int], seed: int) -> np.ndarray:
+    """The reference: per class, rank by md5("seed:id")'s first 64 bits and cut at largest-remainder targets."""
+    ranks = np.array([int(hashlib.md5(f"{seed}:{i}".encode()).hexdigest()[:16], 16) for i in ids], dtype=np.uint64)
+    order = np.lexsort((ids, ranks, labels))
+    classes, starts, sizes = np.unique(labels[order], return_index=True, return_counts=True)
+    exact = sizes[:, None] * np.array(ratios)[None, :]
+    targets = exact // 100
+    seats = sizes - targets.sum(1)
+    by_remainder = np.argsort(-(exact % 100), axis=1, kind="stable")  # ties: train, val, test
+    for c in range(len(classes)):
+        targets[c, by_remainder[c, : seats[c]]] += 1
+    position = np.arange(len(ids)) - np.repeat(starts, sizes)
+    bounds = np.repeat(np.cumsum(targets, axis=1), sizes, axis=0)
+    part = (position[:, None] >= bounds[:, :2]).sum(1)
+    out = np.empty(len(ids), dtype=object)
+    out[order] = np.array(PARTS, dtype=object)[part]
+    return out
+
+
+def synthetic_manifest(rows: int, classes: int, seed: int) -> pa.Table:
+    with duckdb.connect() as conn:
+        ids = conn.sql("SELECT sha256(range::VARCHAR) AS image_id FROM range(?)", params=[rows]).to_arrow_table()
+    rng = np.random.default_rng(seed)
+    weights = rng.dirichlet(np.full(classes, 2.0))  # uneven classes, as in real datasets
+    labels = np.array([f"class{k}" for k in range(classes)])[rng.choice(classes, rows, p=weights)]
+    return pa.table({"image_id": ids["image_id"], "label": labels, "official": pa.nulls(rows, pa.string())})
+
+
+CPU_SECONDS: dict[str, float] = {}
+
+
+def timed(fn, *args, **kw):
+    """(result, wall seconds); the CPU seconds (all threads) go to CPU_SECONDS[fn name], since a busy
+    machine inflates wall time."""
+    start, cpu = time.perf_counter(), time.process_time()
+    out = fn(*args, **kw)
+    CPU_SECONDS[getattr(fn, "__name__", "?")] = time.process_time() - cpu
+    return out, time.perf_counter() - start
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m emopipe.bench splits")
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--classes", type=int, default=8)
+    parser.add_argument("--scheme", default="80/10/10")
+    parser.add_argument("--hashes", type=int, default=100_000, help="images for the near-duplicate grouping figure")
+    args = parser.parse_args(argv)
+    ratios = tuple(int(p) for p in args.scheme.split("/"))
+    seed = 0
+
+    items = synthetic_manifest(args.rows, args.classes, seed)
+    done, t_duck = timed(assign_parts, items, None, ratios, seed)
+    ids = np.array(items["image_id"].to_pylist(), dtype="U64")
+    reference, t_numpy = timed(numpy_split, ids, np.array(items["label"].to_pylist()), ratios, seed)
+    duck_parts = dict(zip(done.rows["image_id"].to_pylist(), done.rows["part"].to_pylist()))
+    identical = all(duck_parts[i] == p for i, p in zip(ids.tolist(), reference))
+    print(f"split of {args.rows:,} rows, {args.classes} classes, {args.scheme} "
+          f"({os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the start):")
+    print(f"  DuckDB SQL (assign_parts)   {t_duck:7.2f} s   ({CPU_SECONDS['assign_parts']:.2f} s CPU, all threads)")
+    print(f"  numpy reference             {t_numpy:7.2f} s   ({CPU_SECONDS['numpy_split']:.2f} s CPU; md5 ranks in a Python loop, lexsort, cut)")
+    print(f"  ratio numpy / DuckDB        {t_numpy / t_duck:7.2f} x   identical assignment: {'yes' if identical else 'NO'}")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        db = Database(Path(tmp) / "bench.duckdb")
+        with db.transaction() as conn:
+            conn.register("manifest", items)
+            conn.execute("INSERT INTO images (image_id, dataset, source_uri, label) SELECT image_id, 'bench', image_id, label FROM manifest")
+            conn.execute("INSERT INTO filter_runs (filter_id, experiment, dataset, params_hash) VALUES ('all', 'bench', 'bench', 'none')")
+            conn.execute("INSERT INTO filtered_images SELECT 'all', image_id FROM manifest")
+        result, t_make = timed(make_split, db, experiment="bench", dataset="bench", filter_id="all", scheme=args.scheme, seed=seed)
+    print(f"  make_split end to end       {t_make:7.2f} s   ({CPU_SECONDS['make_split']:.2f} s CPU; read, split, "
+          f"fingerprints, write {result.n_images:,} rows)")
+
+    n = args.hashes
+    rng = np.random.default_rng(seed)
+    hashes = rng.integers(0, 2**63, n, dtype=np.int64).astype(np.uint64) << np.uint64(1)
+    copies = rng.integers(0, n, n // 10)
+    hashes[copies[: len(copies) // 2]] = hashes[copies[len(copies) // 2:]] ^ np.uint64(0b1011)  # 3 bits apart
+    names = [f"img{k:07d}" for k in range(n)]
+    groups, t_groups = timed(duplicate_groups, names, hashes, 4)
+    sample = min(n, 20_000)
+    _, t_lsh_sample = timed(duplicate_groups, names[:sample], hashes[:sample], 4)
+    _, t_brute = timed(lambda h: sum(int((np.bitwise_count(h[i:i + 500, None] ^ h[None, :]) <= 4).sum())
+                                     for i in range(0, len(h), 500)), hashes[:sample])
+    print(f"near-duplicate groups (distance <= 4) of {n:,} hashes: {t_groups:.2f} s, {n - len(set(groups.values())):,} images merged")
+    print(f"  on {sample:,}: band LSH {t_lsh_sample:.2f} s vs brute-force pairs {t_brute:.2f} s "
+          f"({t_brute / t_lsh_sample:.1f} x; brute force grows with n^2, {(n / sample) ** 2:.0f}x more at {n:,})")
+    return 0 if identical else 1
