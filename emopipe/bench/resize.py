@@ -62,6 +62,13 @@ def _quiet(message: str) -> None:
     """build_arrays' per-chunk log would drown the figures."""
 
 
+def _build_both(root: Path, objects: Path, ids: list[str], workers: int | None) -> dict:
+    """build_arrays at 32 and 224 into a fresh database and arrays folder under root."""
+    db = Database(root / "emopipe.duckdb")
+    return {size: build_arrays(db, ids, size, objects_root=objects, arrays_root=root / "arrays",
+                               workers=workers, log=_quiet) for size in (32, 224)}
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m emopipe.bench resize", description=__doc__)
     parser.add_argument("--n", type=int, default=400, help="number of test JPEGs (default 400)")
@@ -71,7 +78,7 @@ def main(argv: list[str]) -> int:
     jpegs = make_jpegs(args.n)
     with tempfile.TemporaryDirectory(prefix="emopipe-bench-resize-") as tmp:
         root = Path(tmp)
-        objects, arrays = root / "objects", root / "arrays"
+        objects = root / "objects"
         ids = []
         for data in jpegs:
             image_id = sha256_bytes(data)
@@ -79,28 +86,34 @@ def main(argv: list[str]) -> int:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(data)
             ids.append(image_id)
-        print(f"{len(ids)} JPEGs {WIDTH}x{HEIGHT}, {sum(map(len, jpegs)) / len(jpegs) / 1024:.0f} KiB each; "
-              f"{len(os.sched_getaffinity(0))} CPU(s)")
+        n = len(ids)
+        print(f"{n} JPEGs {WIDTH}x{HEIGHT}, {sum(map(len, jpegs)) / n / 1024:.0f} KiB each; "
+              f"{len(os.sched_getaffinity(0))} CPU(s), load average {os.getloadavg()[0]:.1f}")
 
-        t0 = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         plain_loop([object_path(i, objects) for i in ids])
-        plain_s = time.perf_counter() - t0
-        plain_rate = len(ids) / plain_s
-        print(f"plain Pillow loop, 1 process, 224 crop + 32 squash: {plain_s:.2f} s, {plain_rate:.0f} images/s")
+        plain_s, plain_cpu = time.perf_counter() - wall, time.process_time() - cpu
+        print(f"(a) plain Pillow loop, 1 process, 224 crop + 32 squash: {plain_s:.2f} s, {n / plain_s:.0f} images/s, "
+              f"{plain_cpu / n * 1000:.2f} CPU-ms per image")
 
-        db = Database(root / "emopipe.duckdb")
-        built = {size: build_arrays(db, ids, size, objects_root=objects, arrays_root=arrays,
-                                    workers=args.workers, log=_quiet) for size in (32, 224)}
+        # One worker decodes in this process, so process_time counts all of its work: the CPU cost
+        # per image, which (unlike wall time) does not depend on what else runs on the machine.
+        cpu = time.process_time()
+        _build_both(root / "one_worker", objects, ids, workers=1)
+        one_cpu = time.process_time() - cpu
+        print(f"    build_arrays, 1 worker, both sizes: {one_cpu / n * 1000:.2f} CPU-ms per image "
+              f"= {plain_cpu / one_cpu:.2f}x less work than (a)")
+
+        built = _build_both(root / "all_workers", objects, ids, workers=args.workers)
         for size, r in built.items():
-            print(f"build_arrays {size} {r.method}: {r.seconds:.2f} s, {r.images_per_second:.0f} images/s "
+            print(f"(b) build_arrays {size} {r.method}: {r.seconds:.2f} s, {r.images_per_second:.0f} images/s "
                   f"({r.n_decoded} decoded, {len(r.failed)} failed)")
         build_s = sum(r.seconds for r in built.values())
-        build_rate = len(ids) / build_s
-        print(f"build_arrays, both sizes: {build_s:.2f} s, {build_rate:.0f} images/s "
-              f"= {build_rate / plain_rate:.2f}x the plain loop")
+        print(f"(b) build_arrays, both sizes, {args.workers or 'all'} workers: {build_s:.2f} s, "
+              f"{n / build_s:.0f} images/s = {plain_s / build_s:.2f}x the plain loop")
 
-        t0 = time.perf_counter()
-        again = [build_arrays(db, ids, size, objects_root=objects, arrays_root=arrays, log=_quiet) for size in (32, 224)]
-        assert all(r.n_decoded == 0 for r in again), "a re-run decoded images the cache holds"
-        print(f"re-run, all cached: {time.perf_counter() - t0:.2f} s")
+        wall = time.perf_counter()
+        again = _build_both(root / "all_workers", objects, ids, workers=args.workers)
+        assert all(r.n_decoded == 0 for r in again.values()), "a re-run decoded images the cache holds"
+        print(f"    re-run, all cached: {time.perf_counter() - wall:.2f} s")
     return 0

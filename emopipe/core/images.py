@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -33,7 +33,7 @@ from emopipe.paths import data_dir, object_path
 METHODS = ("squash", "crop")
 SQUASH_MAX_SIZE = 64
 # Bicubic with a reducing gap of 3: Pillow first box-reduces by an integer factor while keeping >= 3x
-# the target, then convolves; its docs call the result indistinguishable from a full-size resample.
+# the target, then convolves; Pillow's docs: at 3 "indistinguishable from fair resampling in most cases".
 RESAMPLE = Image.Resampling.BICUBIC
 REDUCING_GAP = 3.0
 # JPEGs are decoded at 1/2, 1/4 or 1/8 scale (DCT scaling, Image.draft) only while both sides keep
@@ -129,8 +129,8 @@ def build_arrays(
     decode = partial(_decode_object, objects_root=str(objects_root), size=size, method=method)
     shard_dir = Path(arrays_root) / f"{size}_{method}"
     with _pool(workers) as pool:
-        for n, decoded in enumerate(_decoded_chunks(pool, decode, chunks, workers), 1):
-            pixels = np.empty((len(decoded), size, size, 3), np.uint8)
+        for n, (chunk, decoded) in enumerate(zip(chunks, _decoded_chunks(pool, decode, chunks, workers)), 1):
+            pixels = np.empty((len(chunk), size, size, 3), np.uint8)
             written: list[str] = []
             for image_id, arr, reason in decoded:
                 if arr is None:
@@ -144,7 +144,7 @@ def build_arrays(
             result.n_decoded += len(written)
             rate = result.n_decoded / (time.perf_counter() - start)
             log(f"{label}: chunk {n}/{len(chunks)}: {len(written)} written, "
-                f"{len(decoded) - len(written)} failed ({rate:.0f} images/s so far)")
+                f"{len(chunk) - len(written)} failed ({rate:.0f} images/s so far)")
     for image_id, reason in list(result.failed.items())[:10]:
         log(f"{label}: could not decode {image_id}: {reason}")
     result.seconds = time.perf_counter() - start
@@ -206,12 +206,15 @@ def _pool(workers: int) -> Iterator[multiprocessing.pool.Pool | None]:
         pool.join()
 
 
-def _decoded_chunks(pool, decode, chunks: list[list[str]], workers: int) -> Iterator[list[tuple]]:
-    """Each chunk's results in order; the pool starts on the next chunk while this one is written,
-    so at most two chunks of pixels are in memory."""
+def _decoded_chunks(pool, decode, chunks: list[list[str]], workers: int) -> Iterator[Iterable[tuple]]:
+    """Per chunk, an iterator of its results in order (consume each before asking for the next).
+
+    The pool gets chunk k+1 as soon as chunk k is handed out, so workers keep decoding while chunk k
+    is copied out and written; at most two chunks of pixels are in memory.
+    """
     if pool is None:
         for chunk in chunks:
-            yield [decode(image_id) for image_id in chunk]
+            yield map(decode, chunk)
         return
 
     def submit(chunk: list[str]):
@@ -219,10 +222,10 @@ def _decoded_chunks(pool, decode, chunks: list[list[str]], workers: int) -> Iter
 
     pending = submit(chunks[0]) if chunks else None
     for i in range(len(chunks)):
-        done = list(pending)
+        current = pending
         if i + 1 < len(chunks):
             pending = submit(chunks[i + 1])
-        yield done
+        yield current
 
 
 def _task_size(n: int, workers: int) -> int:
