@@ -192,6 +192,7 @@ def test_a_killed_run_resumes_after_its_last_written_chunk(db, roots, photos):
     with pytest.raises(KeyboardInterrupt):
         build_arrays(db, ids, 32, **roots, workers=1, chunk_size=4, log=die_after_first_chunk)
     assert {r[0] for r in indexed(db, 32)} == set(ids[:4])
+    assert not list((roots["arrays_root"] / "32_squash").glob(".*.tmp"))  # the uncommitted chunk is cleaned up
     resumed = build_arrays(db, ids, 32, **roots, workers=1, chunk_size=4, log=lambda _: None)
     assert (resumed.n_cached, resumed.n_decoded) == (4, 6)
 
@@ -219,7 +220,11 @@ def test_undecodable_images_are_recorded_and_skipped(db, roots, photos):
     assert result.failed[corrupt].startswith("cannot decode")
     assert result.failed[absent].startswith("object file unreadable")
     assert any(corrupt in line for line in log)
-    assert {r[0] for r in indexed(db, 32)} == set(good)
+    rows = indexed(db, 32)
+    assert {r[0] for r in rows} == set(good)
+    assert sorted(r[3] for r in rows) == [0, 2, 4]  # the failed images' rows stay unused
+    np.testing.assert_array_equal(load_array(db, good, 32, arrays_root=roots["arrays_root"]),
+                                  np.stack([decode_resize(d, 32, "squash") for d in small_photos(photos, 3)]))
     with pytest.raises(MissingArraysError, match=corrupt):
         load_array(db, [good[0], corrupt], 32, arrays_root=roots["arrays_root"])
 

@@ -112,9 +112,11 @@ def build_arrays(
 ) -> ResizeResult:
     """Decode every id not yet in `resized` at (size, method_for(size)), chunk by chunk.
 
-    Each chunk becomes one shard file (written to a temp name, fsynced, renamed) and then its index
-    rows (one transaction), so memory is bounded by two chunks and a killed run loses at most the
-    chunk in flight. Workers read the bytes from the object store themselves.
+    Each chunk becomes one shard: workers read the bytes from the object store and write their rows
+    straight into the shard's temp file, so no pixels pass through pipes or this process; then the
+    file is fsynced and renamed, and its index rows are inserted in one transaction. Memory does not
+    grow with the dataset, and a killed run loses at most the chunks in flight. A failed image leaves
+    its row in the shard unused (zeros) and unindexed.
     """
     start = time.perf_counter()
     method = method_for(size)
@@ -126,25 +128,26 @@ def build_arrays(
     label = f"images_{size} ({method})"
     log(f"{label}: {result.n_cached} of {len(ids)} cached; decoding {len(missing)} "
         f"in {len(chunks)} chunk(s) of <= {chunk_size} with {workers} worker(s)")
-    decode = partial(_decode_object, objects_root=str(objects_root), size=size, method=method)
+    decode = partial(_decode_into, objects_root=str(objects_root), size=size, method=method)
     shard_dir = Path(arrays_root) / f"{size}_{method}"
-    with _pool(workers) as pool:
-        for n, (chunk, decoded) in enumerate(zip(chunks, _decoded_chunks(pool, decode, chunks, workers)), 1):
-            pixels = np.empty((len(chunk), size, size, 3), np.uint8)
-            written: list[str] = []
-            for image_id, arr, reason in decoded:
-                if arr is None:
-                    result.failed[image_id] = reason
-                else:
-                    pixels[len(written)] = arr
-                    written.append(image_id)
-            if written:
-                shard = _write_shard(shard_dir, written, pixels[: len(written)])
-                _index(db, written, size, method, f"{shard_dir.name}/{shard.name}")
-            result.n_decoded += len(written)
-            rate = result.n_decoded / (time.perf_counter() - start)
-            log(f"{label}: chunk {n}/{len(chunks)}: {len(written)} written, "
-                f"{len(chunk) - len(written)} failed ({rate:.0f} images/s so far)")
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with _pool(workers) as pool:
+            shards = _filled_shards(pool, decode, chunks, shard_dir, size, workers)
+            for n, (shard, outcomes) in enumerate(shards, 1):
+                reasons = dict(outcomes)  # waits for the whole chunk
+                rows = [(image_id, row) for row, image_id in enumerate(shard.image_ids) if reasons[image_id] is None]
+                result.failed.update((i, r) for i, r in reasons.items() if r is not None)
+                if rows:
+                    path = shard.commit()
+                    _index(db, rows, size, method, f"{shard_dir.name}/{path.name}")
+                result.n_decoded += len(rows)
+                rate = result.n_decoded / (time.perf_counter() - start)
+                log(f"{label}: chunk {n}/{len(chunks)}: {len(rows)} written, "
+                    f"{len(shard.image_ids) - len(rows)} failed ({rate:.0f} images/s so far)")
+    finally:
+        for tmp in shard_dir.glob(f".*.{os.getpid()}.tmp"):  # chunks this run did not commit
+            tmp.unlink(missing_ok=True)
     for image_id, reason in list(result.failed.items())[:10]:
         log(f"{label}: could not decode {image_id}: {reason}")
     result.seconds = time.perf_counter() - start
@@ -175,17 +178,55 @@ def _not_built(db: Database, ids: list[str], size: int, method: str, arrays_root
     return [i for i in ids if i not in built]
 
 
-def _decode_object(image_id: str, *, objects_root: str, size: int, method: str):
-    """Worker: (image_id, pixels or None, failure reason or None)."""
+class _Shard:
+    """One chunk's .npy file: a temp file the workers fill row by row, then renamed into place."""
+
+    def __init__(self, shard_dir: Path, image_ids: list[str], size: int):
+        self.image_ids = image_ids
+        # Named by its chunk, so a re-run of the same chunk (after a kill) rewrites the same name.
+        digest = hashlib.sha256(f"{shard_dir.name}\n{chr(10).join(image_ids)}".encode()).hexdigest()[:24]
+        self.path = shard_dir / f"{digest}.npy"
+        self.tmp = shard_dir / f".{digest}.{os.getpid()}.tmp"
+        header = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=np.uint8, shape=(len(image_ids), size, size, 3))
+        self.offset, self.row_bytes = header.offset, size * size * 3
+        del header  # the file now has its .npy header and full (sparse) length
+
+    def tasks(self) -> list[tuple[str, str, int]]:
+        """(image_id, temp file, byte offset of its row) for each image."""
+        return [(image_id, str(self.tmp), self.offset + row * self.row_bytes)
+                for row, image_id in enumerate(self.image_ids)]
+
+    def commit(self) -> Path:
+        with open(self.tmp, "rb+") as f:
+            os.fsync(f.fileno())  # flushes the workers' writes too: fsync is per file, not per writer
+        os.replace(self.tmp, self.path)
+        dir_fd = os.open(self.path.parent, os.O_RDONLY)  # make the rename durable before indexing it
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        return self.path
+
+
+def _decode_into(task: tuple[str, str, int], *, objects_root: str, size: int, method: str) -> tuple[str, str | None]:
+    """Worker: decode one image into its shard row; (image_id, None) or (image_id, failure reason)."""
+    image_id, shard_tmp, offset = task
     path = object_path(image_id, Path(objects_root))
     try:
         data = path.read_bytes()
     except OSError as e:
-        return image_id, None, f"object file unreadable: {path}: {e.strerror or e}"
+        return image_id, f"object file unreadable: {path}: {e.strerror or e}"
     try:
-        return image_id, decode_resize(data, size, method), None
+        pixels = decode_resize(data, size, method)
     except Exception as e:  # any decoder error is a per-image failure, never the run's
-        return image_id, None, f"cannot decode: {type(e).__name__}: {e}"
+        return image_id, f"cannot decode: {type(e).__name__}: {e}"
+    fd = os.open(shard_tmp, os.O_WRONLY)
+    try:
+        if os.pwrite(fd, pixels.data, offset) != pixels.nbytes:
+            raise OSError(f"short write to {shard_tmp}")
+    finally:
+        os.close(fd)
+    return image_id, None
 
 
 @contextmanager
@@ -206,19 +247,23 @@ def _pool(workers: int) -> Iterator[multiprocessing.pool.Pool | None]:
         pool.join()
 
 
-def _decoded_chunks(pool, decode, chunks: list[list[str]], workers: int) -> Iterator[Iterable[tuple]]:
-    """Per chunk, an iterator of its results in order (consume each before asking for the next).
+def _filled_shards(pool, decode, chunks: list[list[str]], shard_dir: Path, size: int,
+                   workers: int) -> Iterator[tuple[_Shard, Iterable[tuple[str, str | None]]]]:
+    """Per chunk, its shard and an iterator of (image_id, failure or None); consume each before the next.
 
     The pool gets chunk k+1 as soon as chunk k is handed out, so workers keep decoding while chunk k
-    is copied out and written; at most two chunks of pixels are in memory.
+    is fsynced and indexed.
     """
     if pool is None:
         for chunk in chunks:
-            yield map(decode, chunk)
+            shard = _Shard(shard_dir, chunk, size)
+            yield shard, map(decode, shard.tasks())
         return
 
     def submit(chunk: list[str]):
-        return pool.imap(decode, chunk, chunksize=_task_size(len(chunk), workers))
+        shard = _Shard(shard_dir, chunk, size)
+        chunksize = max(1, min(16, len(chunk) // (4 * workers)))
+        return shard, pool.imap_unordered(decode, shard.tasks(), chunksize=chunksize)
 
     pending = submit(chunks[0]) if chunks else None
     for i in range(len(chunks)):
@@ -228,40 +273,14 @@ def _decoded_chunks(pool, decode, chunks: list[list[str]], workers: int) -> Iter
         yield current
 
 
-def _task_size(n: int, workers: int) -> int:
-    return max(1, min(16, n // (4 * workers)))
-
-
-def _write_shard(shard_dir: Path, image_ids: list[str], pixels: np.ndarray) -> Path:
-    """Atomically write one .npy shard, named by the hash of its ids (a re-run rewrites the same name)."""
-    shard_dir.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.sha256(f"{shard_dir.name}\n{chr(10).join(image_ids)}".encode()).hexdigest()[:24]
-    path = shard_dir / f"{digest}.npy"
-    tmp = shard_dir / f".{digest}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            np.lib.format.write_array(f, np.ascontiguousarray(pixels), allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    dir_fd = os.open(shard_dir, os.O_RDONLY)  # make the rename itself durable before indexing it
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return path
-
-
-def _index(db: Database, image_ids: list[str], size: int, method: str, shard: str) -> None:
+def _index(db: Database, rows: list[tuple[str, int]], size: int, method: str, shard: str) -> None:
     # OR IGNORE: a concurrent run (another experiment) may have indexed the same image meanwhile;
     # its row is equally valid, and this shard's copy stays unreferenced.
     with db.transaction() as conn:
         conn.execute(
             "INSERT OR IGNORE INTO resized (image_id, size, method, shard, row) "
             "SELECT unnest(?::VARCHAR[]), ?, ?, ?, unnest(?::INTEGER[])",
-            [image_ids, size, method, shard, list(range(len(image_ids)))])
+            [[image_id for image_id, _ in rows], size, method, shard, [row for _, row in rows]])
 
 
 def default_arrays_root() -> Path:
