@@ -11,18 +11,25 @@ except CatalogError as e:
     # Re-raised here with a fresh traceback: the user sees the message and this line, not our internals.
     raise CatalogError(str(e)) from None
 
+from emopipe.assets.filtered_images import filtered_images
 from emopipe.assets.images import image_assets
 from emopipe.assets.raw_images import raw_images
+from emopipe.assets.splits import split_is_sound, splits
+from emopipe.assets.text_scores import text_detection_quality, text_scores
 from emopipe.db import CONNECTION_CONFIG
 from emopipe.paths import data_dir, db_path
 
-ASSETS = [raw_images, *image_assets]
+ASSETS = [raw_images, *image_assets, text_scores, filtered_images, splits]
+CHECKS = [text_detection_quality, split_is_sound]
 
 # The whole chain for one experiment partition.
-main_job = dg.define_asset_job("main", selection=dg.AssetSelection.assets(*ASSETS), partitions_def=experiment_partitions)
+main_job = dg.define_asset_job(
+    "main", selection=dg.AssetSelection.assets(*ASSETS) | dg.AssetSelection.checks(*CHECKS), partitions_def=experiment_partitions
+)
 
 defs = dg.Definitions(
     assets=ASSETS,
+    asset_checks=CHECKS,
     jobs=[main_job],
     resources={
         "duckdb": DuckDBResource(database=str(db_path()), connection_config=CONNECTION_CONFIG),

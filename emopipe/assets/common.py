@@ -7,6 +7,7 @@ import dagster as dg
 from dagster_duckdb import DuckDBResource
 
 from emopipe.catalog import ExperimentSpec, load_catalog
+from emopipe.core.raw_images import dataset_fingerprint
 from emopipe.db import Database
 from emopipe.errors import UserError
 
@@ -42,3 +43,20 @@ def user_errors():
         yield
     except UserError as e:
         raise dg.Failure(description=str(e), allow_retries=False) from None
+
+
+def require_dataset_unchanged(db: Database, dataset: str, recorded: str, since: str) -> None:
+    """Fail when the dataset's rows differ from what the upstream materialization recorded."""
+    if dataset_fingerprint(db, dataset) != recorded:
+        raise dg.Failure(f"dataset {dataset!r} changed since {since} was materialized; materialize raw_images and what follows again")
+
+
+def recorded_metadata(context: dg.AssetCheckExecutionContext, asset: str) -> dict:
+    """The metadata of the asset's last materialization of this partition, as Dagster recorded it:
+    a check verifies exactly what the materialization produced, never whatever is newest in DuckDB."""
+    records = context.instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[context.partition_key]), limit=1
+    ).records
+    if not records:
+        raise dg.Failure(f"{asset} has no materialization for partition {context.partition_key!r} yet")
+    return {k: v.value for k, v in records[0].asset_materialization.metadata.items()}

@@ -3,10 +3,9 @@
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
-from emopipe.assets.common import CATALOG, database, experiment, experiment_partitions, png_markdown
+from emopipe.assets.common import CATALOG, database, experiment, experiment_partitions, png_markdown, require_dataset_unchanged
 from emopipe.core.images import build_arrays, load_array, method_for
 from emopipe.core.preview import grid_png
-from emopipe.core.raw_images import dataset_fingerprint
 from emopipe.fingerprint import rows_fingerprint
 from emopipe.paths import data_dir, objects_dir
 
@@ -17,8 +16,7 @@ ALWAYS_BUILT = (32,)
 def dataset_image_ids(db, raw_images: dict) -> list[str]:
     """The image ids behind the upstream materialization, refusing a dataset that changed since."""
     for name, recorded in raw_images.items():
-        if dataset_fingerprint(db, name) != recorded["fingerprint"]:
-            raise dg.Failure(f"dataset {name!r} changed since raw_images was materialized; materialize raw_images again")
+        require_dataset_unchanged(db, name, recorded["fingerprint"], "raw_images")
     with db.connect() as conn:
         rows = conn.execute(
             "SELECT DISTINCT image_id FROM images WHERE dataset IN (SELECT unnest(?)) ORDER BY image_id", [list(raw_images)]

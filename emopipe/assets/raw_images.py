@@ -6,8 +6,8 @@ import dagster as dg
 from dagster_duckdb import DuckDBResource
 
 from emopipe.assets.common import CATALOG, database, experiment, experiment_partitions, markdown_table, png_markdown, user_errors
-from emopipe.core.preview import grid_png
-from emopipe.core.raw_images import ingest_dataset, preview_arrays
+from emopipe.core.preview import grid_png, thumbnails
+from emopipe.core.raw_images import ingest_dataset, preview_sample
 from emopipe.fingerprint import rows_fingerprint
 from emopipe.paths import data_dir, objects_dir
 
@@ -43,12 +43,12 @@ def raw_images(context: dg.AssetExecutionContext, duckdb: DuckDBResource) -> dg.
         if result.conflicts:
             context.log.warning(f"{name}: {result.n_label_conflicts} label conflicts, e.g. " + "; ".join(result.conflicts[:3]))
         metadata[f"{name}/throughput_inputs_per_s"] = round(result.n_inputs / max(result.seconds, 1e-9), 1)
-    arrays, captions = preview_arrays(db, exp.dataset, k=16)
+    sample = preview_sample(db, exp.dataset, k=16)
     metadata.update({
         "accounting": dg.MetadataValue.md(markdown_table(
             ["dataset", "source", "inputs", "images", "new bytes stored", "rejected", "duplicates", "label conflicts", "rejected by reason", "fingerprint"], rows)),
         "n_images": sum(h["n_images"] for h in handle.values()),
         "fingerprint": rows_fingerprint((n, h["fingerprint"]) for n, h in handle.items()),
-        "preview": png_markdown(grid_png(arrays, captions), f"{exp.dataset} sample"),
+        "preview": png_markdown(grid_png(thumbnails([i for i, _ in sample]), [label for _, label in sample]), f"{exp.dataset} sample"),
     })
     return dg.Output(handle, metadata=metadata, data_version=dg.DataVersion(metadata["fingerprint"]))

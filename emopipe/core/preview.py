@@ -1,9 +1,12 @@
 """Small image grids that show a person, in the Dagster UI, which images a stage saw or dropped."""
 
 import io
+from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
+
+from emopipe.paths import object_path
 
 
 def grid_png(images: list[np.ndarray], captions: list[str] | None = None, tile: int = 96, columns: int = 8) -> bytes:
@@ -25,3 +28,15 @@ def grid_png(images: list[np.ndarray], captions: list[str] | None = None, tile: 
     buf = io.BytesIO()
     canvas.save(buf, format="PNG", optimize=True)
     return buf.getvalue()
+
+
+def thumbnails(image_ids: list[str], objects_root: Path | None = None, tile: int = 96) -> list[np.ndarray]:
+    """Small RGB thumbnails of stored originals (JPEGs decoded in draft mode: this is only a preview)."""
+    arrays = []
+    for image_id in image_ids:
+        with Image.open(object_path(image_id, objects_root)) as img:
+            img.draft("RGB", (2 * tile, 2 * tile))
+            thumb = ImageOps.exif_transpose(img).convert("RGB")
+            thumb.thumbnail((tile, tile))
+            arrays.append(np.asarray(thumb))
+    return arrays

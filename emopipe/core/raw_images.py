@@ -20,8 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from emopipe.catalog import DatasetSpec
 from emopipe.core.sources import Fetched, SourceItem, fetch_items, list_items
@@ -270,21 +269,12 @@ def _ordered_map(pool: ThreadPoolExecutor, fn, iterable: Iterable, depth: int = 
         yield f.result()
 
 
-def preview_arrays(db: Database, dataset: str, k: int = 16, objects_root: Path | None = None) -> tuple[list, list[str]]:
-    """Up to k small RGB thumbnails spread over the labels (the first images of each), with captions."""
+def preview_sample(db: Database, dataset: str, k: int = 16) -> list[tuple[str, str]]:
+    """Up to k (image_id, label) pairs spread over the labels: the first images of each, round-robin."""
     with db.connect() as conn:
-        rows = conn.execute(
+        return conn.execute(
             """SELECT image_id, label FROM (
                  SELECT image_id, label, row_number() OVER (PARTITION BY label ORDER BY image_id) AS r FROM images WHERE dataset = ?)
                ORDER BY r, label LIMIT ?""",
             [dataset, k],
         ).fetchall()
-    arrays, captions = [], []
-    for image_id, label in rows:
-        with Image.open(object_path(image_id, objects_root)) as img:
-            img.draft("RGB", (192, 192))
-            thumb = ImageOps.exif_transpose(img).convert("RGB")
-            thumb.thumbnail((96, 96))
-            arrays.append(np.asarray(thumb))
-        captions.append(str(label))
-    return arrays, captions

@@ -1,0 +1,43 @@
+"""filtered_images: the experiment's image set after the text filter (all images when it is off)."""
+
+import dagster as dg
+from dagster_duckdb import DuckDBResource
+
+from emopipe.assets.common import database, experiment, experiment_partitions, markdown_table, png_markdown, require_dataset_unchanged
+from emopipe.core.filtered_images import filter_images
+from emopipe.core.preview import grid_png, thumbnails
+
+
+@dg.asset(
+    partitions_def=experiment_partitions,
+    group_name="text_filter",
+    kinds={"duckdb"},
+    ins={"text_scores": dg.AssetIn()},
+    description=(
+        "The images of the experiment's dataset that survive the text filter (has_text false), or all of them "
+        "when text_filter is off; unreadable images are left out and counted. Stored as `filter_runs` + "
+        "`filtered_images`, filter_id = sha256 over the OCR params hash and the sorted kept image ids."
+    ),
+)
+def filtered_images(context: dg.AssetExecutionContext, duckdb: DuckDBResource, text_scores: dict) -> dg.Output[dict]:
+    exp = experiment(context)
+    db = database(duckdb)
+    if text_scores["text_filter"]:
+        require_dataset_unchanged(db, exp.dataset, text_scores["dataset_fingerprint"], "text_scores")
+    result = filter_images(db, experiment=exp.name, dataset=exp.dataset, text_filter=text_scores["text_filter"],
+                           params_hash=text_scores["params_hash"], params=text_scores["params"])
+    metadata = {
+        "filter_id": result.filter_id,
+        "text_filter": text_scores["text_filter"],
+        "params_hash": text_scores["params_hash"] or "no-filter",
+        "n_input": result.n_input,
+        "n_kept": result.n_kept,
+        "n_removed": result.n_removed,
+        "n_unreadable": result.n_unreadable,
+        "removed_per_class": dg.MetadataValue.md(markdown_table(
+            ["class", "removed (text found)"], [[c, n] for c, n in sorted(result.removed_per_class.items())] or [["-", 0]])),
+    }
+    if result.removed_examples:
+        metadata["removed_preview"] = png_markdown(grid_png(thumbnails(result.removed_examples)), "images removed for text")
+    handle = {"filter_id": result.filter_id, "dataset": exp.dataset, "params_hash": text_scores["params_hash"], "n_kept": result.n_kept}
+    return dg.Output(handle, metadata=metadata, data_version=dg.DataVersion(result.filter_id))

@@ -1,0 +1,82 @@
+"""text_scores: EasyOCR on every image of the experiment's dataset, and has_text under its thresholds."""
+
+import math
+
+import dagster as dg
+from dagster_duckdb import DuckDBResource
+
+from emopipe.assets.common import CATALOG, database, experiment, experiment_partitions, markdown_table, user_errors
+from emopipe.core.text_scores import score_params, score_text, text_quality
+from emopipe.paths import data_dir, objects_dir
+
+MIN_PRECISION = MIN_RECALL = 0.95
+
+
+@dg.asset(
+    partitions_def=experiment_partitions,
+    group_name="text_filter",
+    kinds={"easyocr", "duckdb"},
+    ins={"raw_images": dg.AssetIn()},
+    # OCR reads the original bytes, not these arrays (32 px erases text; the 224 crop cuts edge
+    # captions), but it runs after them so the chain stays the one in ARCHITECTURE.md.
+    deps=["images_224"],
+    description=(
+        "EasyOCR (English, offline weights) on each image of the experiment's dataset, read from the original "
+        "bytes with the longer side scaled to the OCR size: boxes, text, best confidence, text area, and has_text "
+        "under the thresholds (text_thresholds), in DuckDB `text_scores`. Raw OCR output is cached per "
+        "(image_id, engine), so no image is OCR'd twice; changing a threshold only re-decides."
+    ),
+)
+def text_scores(context: dg.AssetExecutionContext, duckdb: DuckDBResource, raw_images: dict) -> dg.Output[dict]:
+    exp = experiment(context)
+    if not exp.text_filter:
+        context.log.info(f"{exp.name} sets text_filter: false; no OCR needed")
+        return dg.Output({"dataset": exp.dataset, "text_filter": False, "params_hash": None, "params": None},
+                         metadata={"text_filter": False}, data_version=dg.DataVersion("no-filter"))
+    db = database(duckdb)
+    thresholds = CATALOG.thresholds(exp)
+    params_hash, params = score_params(thresholds)
+    with db.connect() as conn:
+        ids = [r[0] for r in conn.execute("SELECT image_id FROM images WHERE dataset = ? ORDER BY image_id", [exp.dataset]).fetchall()]
+    with user_errors():
+        result = score_text(db, ids, thresholds, objects_root=objects_dir(), work_dir=data_dir(), log=context.log.info)
+    metadata = {
+        "params_hash": params_hash,
+        "params": params,
+        "n_images": result.n_images,
+        "n_ocr_run": result.n_ocr_run,
+        "cache_hits": result.n_cached,
+        "n_has_text": result.n_has_text,
+        "n_unreadable": result.n_unreadable,
+        "device": result.device,
+        "workers": result.workers,
+        "images_per_second": round(result.images_per_second, 2),
+        "seconds": round(result.seconds, 1),
+    }
+    handle = {"dataset": exp.dataset, "text_filter": True, "params_hash": params_hash, "params": params,
+              "dataset_fingerprint": raw_images[exp.dataset]["fingerprint"]}
+    version = f"{params_hash}-{raw_images[exp.dataset]['fingerprint'][:16]}"
+    return dg.Output(handle, metadata=metadata, data_version=dg.DataVersion(version))
+
+
+@dg.asset_check(asset=text_scores, blocking=True, description=(
+    f"Precision and recall of has_text against the dataset's ground truth (images.attributes.has_text, "
+    f"e.g. the synthetic demo's rendered text): both must be at least {MIN_PRECISION}."))
+def text_detection_quality(context: dg.AssetCheckExecutionContext, duckdb: DuckDBResource) -> dg.AssetCheckResult:
+    exp = experiment(context)
+    if not exp.text_filter:
+        return dg.AssetCheckResult(passed=True, metadata={"measured": False}, description="text_filter is off")
+    params_hash, _ = score_params(CATALOG.thresholds(exp))
+    q = text_quality(database(duckdb), exp.dataset, params_hash)
+    if q["n"] == 0:
+        return dg.AssetCheckResult(passed=True, metadata={"measured": False},
+                                   description=f"dataset {exp.dataset!r} carries no has_text ground truth: nothing to measure")
+    passed = q["precision"] >= MIN_PRECISION and q["recall"] >= MIN_RECALL
+    values = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in q.items()}
+    return dg.AssetCheckResult(
+        passed=bool(passed),
+        metadata={**{k: v for k, v in values.items() if v is not None}, "measured": True,
+                  "confusion": dg.MetadataValue.md(markdown_table(["", "truth: text", "truth: no text"], [
+                      ["predicted text", q["tp"], q["fp"]], ["predicted no text", q["fn"], q["tn"]]]))},
+        description=f"precision {q['precision']:.3f}, recall {q['recall']:.3f} (need >= {MIN_PRECISION})",
+    )
