@@ -68,22 +68,27 @@ def run_experiment(name: str) -> int:
         _print_where(data_dir(), db_path(), name)
         return 1
     print(f"\nemopipe: experiment {name!r} materialized (run {result.run_id}).\n")
+    headline = None
     for event in result.get_asset_materialization_events():
         mat = event.asset_materialization
-        summary = {k: v.value for k, v in mat.metadata.items() if k in ("n_images", "n_kept", "n_removed", "split_id", "model_id", "fingerprint")}
-        print(f"  {mat.asset_key.to_user_string():16} {summary}")
-    _print_results(name)
+        shown = {k: v.value for k, v in mat.metadata.items() if k in SUMMARY_KEYS}
+        print(f"  {mat.asset_key.to_user_string():16} " + ", ".join(f"{k}={_short(v)}" for k, v in shown.items()))
+        if "headline" in mat.metadata:
+            headline = mat.metadata["headline"].value
+    if headline:
+        print(f"\n{headline}\n")
+        print(f"Trace a number to its images:  emopipe trace {name} --metric accuracy --verify\n")
+        trace_experiment(name, "accuracy", verify=False, full=False)
     _print_where(data_dir(), db_path(), name)
     return 0
 
 
-def _print_results(name: str) -> None:
-    from emopipe.core.evaluation import headline_for_experiment
+SUMMARY_KEYS = ("n_images", "n_kept", "n_removed", "n_train", "n_val", "n_test", "split_id", "model_id", "best_epoch", "device", "fingerprint")
 
-    table = headline_for_experiment(_database(), name)
-    if table:
-        print(f"\n{table}\n")
-        print(f"Trace a number to its images:  emopipe trace {name} --metric accuracy --verify")
+
+def _short(value) -> str:
+    text = str(value)
+    return text[:16] if len(text) == 64 else text
 
 
 def _print_where(data, db, name: str) -> None:

@@ -11,16 +11,18 @@ except CatalogError as e:
     # Re-raised here with a fresh traceback: the user sees the message and this line, not our internals.
     raise CatalogError(str(e)) from None
 
+from emopipe.assets.evaluation import evaluation, lineage_verified
 from emopipe.assets.filtered_images import filtered_images
 from emopipe.assets.images import image_assets
 from emopipe.assets.raw_images import raw_images
 from emopipe.assets.splits import split_is_sound, splits
 from emopipe.assets.text_scores import text_detection_quality, text_scores
+from emopipe.assets.trained_model import trained_model
 from emopipe.db import CONNECTION_CONFIG
 from emopipe.paths import data_dir, db_path
 
-ASSETS = [raw_images, *image_assets, text_scores, filtered_images, splits]
-CHECKS = [text_detection_quality, split_is_sound]
+ASSETS = [raw_images, *image_assets, text_scores, filtered_images, splits, trained_model, evaluation]
+CHECKS = [text_detection_quality, split_is_sound, lineage_verified]
 
 # The whole chain for one experiment partition.
 main_job = dg.define_asset_job(

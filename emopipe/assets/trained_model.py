@@ -1,0 +1,63 @@
+"""trained_model: a model trained on the split's train part, early-stopped on val, checkpoint named by sha256."""
+
+import dagster as dg
+from dagster_duckdb import DuckDBResource
+
+from emopipe.assets.common import CATALOG, database, experiment, experiment_partitions, markdown_table, png_markdown, user_errors
+from emopipe.core.trained_model import load_training_data, record_model, train_model
+from emopipe.paths import data_dir
+
+# 32 and 224 px arrays are upstream of splits already; any other size an experiment trains at is not.
+OTHER_SIZES = [f"images_{s}" for s in CATALOG.image_sizes() if s not in (32, 224)]
+
+
+@dg.asset(
+    partitions_def=experiment_partitions,
+    group_name="training",
+    kinds={"pytorch", "timm"},
+    ins={"splits": dg.AssetIn()},
+    deps=OTHER_SIZES,
+    # One training at a time per GPU: the `gpu` pool's limit is set in dagster.yaml.
+    pool="gpu",
+    description=(
+        "A timm model (or linear probe on a frozen pretrained backbone) trained on the split's train part from the "
+        "packed uint8 arrays (augmentation and normalization on the device, bf16 autocast on CUDA), early-stopped "
+        "on val. Checkpointed every epoch (a killed run resumes); the best epoch is saved as data/models/<sha256>.pt "
+        "with a `models` row naming the split."
+    ),
+)
+def trained_model(context: dg.AssetExecutionContext, duckdb: DuckDBResource, splits: dict) -> dg.Output[dict]:
+    exp = experiment(context)
+    db = database(duckdb)
+    classes = CATALOG.dataset(exp.dataset).classes
+    with user_errors():
+        data = load_training_data(db, splits["split_id"], exp, classes=list(classes) if classes else None)
+        result = train_model(exp, data, split_id=splits["split_id"], work_dir=data_dir() / "models", log=context.log.info)
+    record_model(db, result, exp, splits["split_id"], split_fingerprint=splits["split_id"])
+    history = [[h["epoch"], _fmt(h.get("train_loss")), _fmt(h.get("train_metric")), _fmt(h.get("val_loss")), _fmt(h.get("val_metric"))]
+               for h in result.history]
+    metadata = {
+        "model_id": result.model_id,
+        "checkpoint": dg.MetadataValue.path(str(result.checkpoint_path)),
+        "split_id": splits["split_id"],
+        "architecture": exp.model,
+        "mode": exp.mode,
+        "pretrained": exp.pretrained,
+        f"best_val_{result.metric}": round(result.best_val, 4),
+        "best_epoch": result.best_epoch,
+        "epochs_run": result.epochs_run,
+        "resumed_from_epoch": result.resumed_from_epoch,
+        "device": result.device,
+        "images_per_second": round(result.images_per_second, 1),
+        "wall_seconds": round(result.wall_seconds, 1),
+        "n_train": len(data.train_ids),
+        "n_val": len(data.val_ids),
+        "history": dg.MetadataValue.md(markdown_table(["epoch", "train loss", f"train {result.metric}", "val loss", f"val {result.metric}"], history)),
+        "learning_curve": png_markdown(result.curve_png.read_bytes(), "learning curves"),
+    }
+    handle = {"model_id": result.model_id, "checkpoint_path": str(result.checkpoint_path), "split_id": splits["split_id"]}
+    return dg.Output(handle, metadata=metadata, data_version=dg.DataVersion(result.model_id))
+
+
+def _fmt(value) -> str:
+    return "" if value is None else f"{value:.4f}"
