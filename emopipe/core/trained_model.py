@@ -1,0 +1,916 @@
+"""Training (the core of `trained_model`): a timm backbone plus a task head, trained from the packed
+uint8 arrays, checkpointed every epoch, resumable, and saved under the sha256 of its checkpoint.
+
+Data path: the arrays go to the GPU once when they fit (else each batch is gathered into pinned host
+memory and copied with non_blocking=True); cropping, flipping and normalization run on the device, so
+no JPEG is decoded and no CPU worker touches a pixel during training. On CUDA: bf16 autocast,
+optional torch.compile. channels_last everywhere (on 2 CPU cores it, too, runs EfficientNet-Lite0 about
+1.6x faster). On the CPU the same code runs deterministically (tests, demo).
+
+Modes: "finetune" trains the whole network; "linear_probe" (the FI study's "feature embedding +
+multi-class classification") freezes the pretrained backbone, computes its pooled features once per
+(architecture, weights, image size, image) into a cache under <data_dir>/features/, and trains a small
+MLP head on them (no augmentation: the features are of the stored images).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import subprocess
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import timm
+import torch
+import torch.nn.functional as F
+from timm.optim import create_optimizer_v2
+from torch import nn
+
+import emopipe
+from emopipe.catalog import ExperimentSpec
+from emopipe.core.models import Normalization, create_model, weights_fingerprint
+from emopipe.db import Database
+from emopipe.errors import UserError
+from emopipe.fingerprint import params_hash, rows_fingerprint, sha256_file
+from emopipe.paths import PROJECT_DIR, data_dir
+
+CHECKPOINT_FORMAT = "emopipe.trained_model/1"
+# Training keys of ExperimentSpec: a run folder (and so a resume) is keyed by these + split + data.
+TRAINING_KEYS = ("image_size", "seed", "model", "pretrained", "mode", "task", "targets", "soft_labels",
+                 "epochs", "batch_size", "optimizer", "lr", "weight_decay", "label_smoothing", "schedule",
+                 "patience", "head_hidden", "augment")
+CROP_SCALE = (0.25, 1.0)  # RandomResizedCrop area fraction; torchvision's 0.08 is too harsh for 32 px
+CROP_RATIO = (3 / 4, 4 / 3)
+HEAD_DROPOUT = 0.2
+# Keep this much GPU memory free for activations when deciding whether the arrays live on the GPU.
+GPU_HEADROOM_BYTES = 12 << 30
+GPU_HEADROOM_FRACTION = 0.25
+
+Log = Callable[[str], None]
+
+
+class TrainingError(UserError):
+    """Training inputs that cannot work: no images in a part, a label outside the classes, a missing
+    regression target or vote share."""
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainingData:
+    """The train and val parts as packed uint8 arrays (N, S, S, 3) plus targets:
+    classification: y int64 (N,) class indices, or float32 (N, C) class probabilities (soft labels);
+    regression: y float32 (N, T), one column per target."""
+
+    classes: list[str] | None
+    targets: list[str] | None
+    train_ids: list[str]
+    val_ids: list[str]
+    x_train: np.ndarray
+    x_val: np.ndarray
+    y_train: np.ndarray
+    y_val: np.ndarray
+
+    @property
+    def num_outputs(self) -> int:
+        return len(self.classes) if self.classes is not None else len(self.targets)
+
+    def fingerprint(self) -> str:
+        """Over (part, image_id, target) rows; the pixels follow from the ids (content addresses)."""
+        rows = [("train", i, json.dumps(np.asarray(y).tolist())) for i, y in zip(self.train_ids, self.y_train)]
+        rows += [("val", i, json.dumps(np.asarray(y).tolist())) for i, y in zip(self.val_ids, self.y_val)]
+        return rows_fingerprint(rows + [("classes", json.dumps(self.classes), json.dumps(self.targets))])
+
+
+def load_training_data(db: Database, split_id: str, experiment: ExperimentSpec, *,
+                       classes: list[str] | None = None, arrays_root: Path | None = None) -> TrainingData:
+    """The split's train and val images (splits ⋈ images), their targets, and their arrays at the
+    experiment's image size. classes: the dataset's class order (default: its labels, sorted)."""
+    from emopipe.core.images import load_array
+
+    with db.connect() as conn:
+        rows = conn.execute(
+            "SELECT s.part, s.image_id, i.label, i.attributes FROM splits s "
+            "JOIN images i ON i.image_id = s.image_id AND i.dataset = ? "
+            "WHERE s.split_id = ? AND s.part IN ('train', 'val') ORDER BY s.part, s.image_id",
+            [experiment.dataset, split_id]).fetchall()
+        if classes is None and experiment.task == "classification":
+            classes = [r[0] for r in conn.execute(
+                "SELECT DISTINCT i.label FROM splits s JOIN images i ON i.image_id = s.image_id AND i.dataset = ? "
+                "WHERE s.split_id = ? AND i.label IS NOT NULL ORDER BY 1", [experiment.dataset, split_id]).fetchall()]
+    parts = {p: [r for r in rows if r[0] == p] for p in ("train", "val")}
+    for part, part_rows in parts.items():
+        if not part_rows:
+            raise TrainingError(f"split {split_id} of dataset {experiment.dataset!r} has no {part} images "
+                                f"(experiment {experiment.name!r}); materialize splits for it first")
+    ys = {p: _targets(part_rows, experiment, classes) for p, part_rows in parts.items()}
+    ids = {p: [r[1] for r in part_rows] for p, part_rows in parts.items()}
+    return TrainingData(
+        classes=list(classes) if experiment.task == "classification" else None,
+        targets=list(experiment.targets) if experiment.task == "regression" else None,
+        train_ids=ids["train"], val_ids=ids["val"],
+        x_train=load_array(db, ids["train"], experiment.image_size, arrays_root=arrays_root),
+        x_val=load_array(db, ids["val"], experiment.image_size, arrays_root=arrays_root),
+        y_train=ys["train"], y_val=ys["val"])
+
+
+def _targets(rows: list[tuple], experiment: ExperimentSpec, classes: list[str] | None) -> np.ndarray:
+    if experiment.task == "regression":
+        return _attribute_matrix(rows, experiment.targets, experiment, "targets")
+    if experiment.soft_labels:
+        if len(experiment.soft_labels) != len(classes):
+            raise TrainingError(
+                f"experiment {experiment.name!r}: soft_labels names {len(experiment.soft_labels)} vote-share "
+                f"columns but the dataset has {len(classes)} classes ({', '.join(classes)}); give one per class, in that order")
+        shares = _attribute_matrix(rows, experiment.soft_labels, experiment, "soft_labels")
+        totals = shares.sum(1, keepdims=True)
+        if (totals <= 0).any():
+            bad = rows[int(np.argmax(totals[:, 0] <= 0))][1]
+            raise TrainingError(f"experiment {experiment.name!r}: image {bad} has no positive vote share in {list(experiment.soft_labels)}")
+        return (shares / totals).astype(np.float32)
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted({r[2] for r in rows if r[2] not in index}, key=str)
+    if unknown:
+        raise TrainingError(f"experiment {experiment.name!r}: label(s) {unknown[:5]} are not among the classes "
+                            f"{list(classes)} (fix the dataset's classes / class_map in the catalog)")
+    return np.array([index[r[2]] for r in rows], dtype=np.int64)
+
+
+def _attribute_matrix(rows: list[tuple], columns: tuple[str, ...], experiment: ExperimentSpec, key: str) -> np.ndarray:
+    out = np.empty((len(rows), len(columns)), np.float32)
+    for n, row in enumerate(rows):
+        attributes = json.loads(row[3]) if isinstance(row[3], str) else (row[3] or {})
+        for j, column in enumerate(columns):
+            value = attributes.get(column)
+            try:
+                out[n, j] = float(value)
+            except (TypeError, ValueError):
+                raise TrainingError(
+                    f"experiment {experiment.name!r} ({key}): image {row[1]} has {column}={value!r}, not a number; "
+                    f"the dataset's manifest needs a numeric column {column!r} for every image") from None
+    return out
+
+
+# --- the network ----------------------------------------------------------------------------------
+
+
+class Standardize(nn.Module):
+    """Fixed per-feature standardization (set from the training features) in front of a probe head."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(num_features))
+        self.register_buffer("std", torch.ones(num_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class Destandardize(nn.Module):
+    """Last layer of a regression head: standardized outputs -> target units (training mean/std)."""
+
+    def __init__(self, num_targets: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(num_targets))
+        self.register_buffer("std", torch.ones(num_targets))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.std + self.mean
+
+
+class StandardizedMSE(nn.Module):
+    """MSE in units of each target's training variance (1.0: as good as predicting the mean), so
+    targets of any scale train alike; the reported metric stays the MSE in the targets' own units."""
+
+    def __init__(self, std: torch.Tensor):
+        super().__init__()
+        self.register_buffer("std", std)
+
+    def forward(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return (((out - y) / self.std) ** 2).mean()
+
+
+class EmotionNet(nn.Module):
+    """A timm backbone (pooled features, num_classes=0) followed by a task head."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+def make_head(mode: str, task: str, num_features: int, num_outputs: int, hidden: int) -> nn.Sequential:
+    """finetune: one linear layer; linear_probe: standardized features -> MLP. A regression head ends in
+    Destandardize with its last linear layer zeroed, so it starts by predicting the training mean."""
+    if mode == "linear_probe":
+        layers = [Standardize(num_features), nn.Linear(num_features, hidden), nn.ReLU(),
+                  nn.Dropout(HEAD_DROPOUT), nn.Linear(hidden, num_outputs)]
+    else:
+        layers = [nn.Linear(num_features, num_outputs)]
+    if task == "regression":
+        nn.init.zeros_(layers[-1].weight)
+        nn.init.zeros_(layers[-1].bias)
+        layers.append(Destandardize(num_outputs))
+    return nn.Sequential(*layers)
+
+
+def build_net(architecture: str, *, image_size: int, pretrained: str, mode: str, task: str, num_outputs: int,
+              head_hidden: int) -> tuple[EmotionNet, Normalization, int]:
+    """(network, input normalization, backbone feature width)."""
+    backbone, norm = create_model(architecture, num_outputs=0, image_size=image_size, pretrained=pretrained)
+    was_training = backbone.training
+    backbone.eval()
+    with torch.no_grad():
+        num_features = backbone(torch.zeros(1, 3, image_size, image_size)).shape[-1]
+    backbone.train(was_training)
+    return EmotionNet(backbone, make_head(mode, task, num_features, num_outputs, head_hidden)), norm, num_features
+
+
+# --- the data path on the device --------------------------------------------------------------------
+
+
+def pick_device(device: str | torch.device | None = None, log: Log = print) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    log(f"no CUDA GPU: running on the CPU ({torch.get_num_threads()} threads)")
+    return torch.device("cpu")
+
+
+def fits_on_gpu(nbytes: int, device: torch.device) -> bool:
+    free, total = torch.cuda.mem_get_info(device)
+    return nbytes <= free - max(GPU_HEADROOM_BYTES, GPU_HEADROOM_FRACTION * total)
+
+
+class DeviceBatches:
+    """Inputs (packed uint8 images, or features) and targets, served to the device by index.
+
+    On a GPU they are held there when they fit and gathered on the GPU per batch; otherwise each batch
+    is gathered into freshly allocated pinned host memory (PyTorch's caching host allocator does not
+    reuse a block until its copy has finished) and copied with non_blocking=True, so the gather of the
+    next batch overlaps the GPU's work on this one. Nothing here synchronizes with the GPU.
+    """
+
+    def __init__(self, inputs: np.ndarray | torch.Tensor, targets: np.ndarray | torch.Tensor | None,
+                 device: torch.device, *, on_device: bool | None = None):
+        self.device = device
+        self.inputs, self.targets = _host_tensor(inputs), None if targets is None else _host_tensor(targets)
+        if on_device is None:
+            on_device = device.type != "cuda" or fits_on_gpu(self.inputs.nbytes, device)
+        self.on_device = on_device
+        if on_device:
+            self.inputs = self.inputs.to(device)
+            self.targets = None if self.targets is None else self.targets.to(device)
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def batches(self, order: torch.Tensor, batch_size: int, *, drop_last: bool = False
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        """(inputs, targets) on the device, batch by batch in `order` (a CPU index tensor).
+        drop_last drops a final partial batch unless it is the only one (BatchNorm needs > 1 sample)."""
+        n = len(order)
+        stops = range(batch_size, n + 1, batch_size) if drop_last and n >= batch_size else \
+            range(batch_size, n + batch_size, batch_size)
+        order = order.to(self.device) if self.on_device else order
+        start = 0
+        for stop in stops:
+            yield self.take(order[start:min(stop, n)])
+            start = stop
+
+    def take(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.on_device:
+            return self.inputs.index_select(0, index), None if self.targets is None else self.targets.index_select(0, index)
+        return _pinned_gather(self.inputs, index, self.device), \
+            None if self.targets is None else _pinned_gather(self.targets, index, self.device)
+
+
+def _host_tensor(a: np.ndarray | torch.Tensor) -> torch.Tensor:
+    if isinstance(a, torch.Tensor):
+        return a
+    if not a.flags.writeable or not a.flags.c_contiguous:  # torch.from_numpy wants writable C order
+        a = np.array(a, order="C")
+    return torch.from_numpy(a)
+
+
+def _pinned_gather(source: torch.Tensor, index: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type != "cuda":
+        return source.index_select(0, index)
+    buffer = torch.empty((len(index), *source.shape[1:]), dtype=source.dtype, pin_memory=True)
+    torch.index_select(source, 0, index, out=buffer)
+    return buffer.to(device, non_blocking=True)
+
+
+class InputPipeline:
+    """uint8 (B, S, S, 3) batches on the device -> normalized float (B, 3, S, S) model input, with a
+    per-sample random resized crop and horizontal flip when augmenting.
+
+    Why not torchvision.transforms.v2.RandomResizedCrop: on a batched tensor it draws one crop for the
+    whole batch. Here every sample gets its own crop box and flip, drawn from a device generator
+    (seeded: reproducible, and no host-to-device copy per step), applied in one affine_grid +
+    grid_sample call (bilinear; the crop is never larger than the output, so no aliasing).
+    """
+
+    def __init__(self, norm: Normalization, device: torch.device, generator: torch.Generator | None = None):
+        mean, std = torch.tensor(norm.mean), torch.tensor(norm.std)
+        self.scale = (1 / (255 * std)).view(1, 3, 1, 1).to(device)
+        self.shift = (-mean / std).view(1, 3, 1, 1).to(device)
+        self.generator = generator
+
+    def __call__(self, images: torch.Tensor, *, augment: bool = False) -> torch.Tensor:
+        x = images.permute(0, 3, 1, 2).float()  # NHWC storage: already the channels_last layout
+        if augment:
+            x = random_resized_crop_flip(x, self.generator)
+        return torch.addcmul(self.shift, x, self.scale).contiguous(memory_format=torch.channels_last)
+
+
+def random_resized_crop_flip(x: torch.Tensor, generator: torch.Generator | None,
+                             scale: tuple[float, float] = CROP_SCALE, ratio: tuple[float, float] = CROP_RATIO) -> torch.Tensor:
+    """Per-sample RandomResizedCrop(size = input size) + RandomHorizontalFlip on a (B, C, H, W) float batch."""
+    r = torch.rand(x.shape[0], 5, generator=generator, device=x.device)
+    area = scale[0] + (scale[1] - scale[0]) * r[:, 0]
+    aspect = torch.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * r[:, 1])
+    w = torch.sqrt(area * aspect).clamp(max=1.0)  # crop width / image width
+    h = torch.sqrt(area / aspect).clamp(max=1.0)
+    flip = torch.where(r[:, 4] < 0.5, -1.0, 1.0)
+    theta = torch.zeros(x.shape[0], 2, 3, device=x.device)
+    theta[:, 0, 0] = w * flip
+    theta[:, 0, 2] = (1 - w) * (2 * r[:, 2] - 1)  # crop centre, in [-1, 1] image coordinates
+    theta[:, 1, 1] = h
+    theta[:, 1, 2] = (1 - h) * (2 * r[:, 3] - 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+class TrainStep:
+    """One optimization step: bf16 autocast on CUDA, optional torch.compile of the forward pass."""
+
+    def __init__(self, net: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
+                 device: torch.device, *, compile: bool = False):
+        self.net, self.loss_fn, self.optimizer = net, loss_fn, optimizer
+        self.forward = torch.compile(net) if compile and device.type == "cuda" else net
+        self.autocast = _autocast(device)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean loss, outputs), both detached; nothing is read back to the host."""
+        with self.autocast:
+            out = self.forward(x)
+        loss = self.loss_fn(out.float(), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach(), out.detach().float()
+
+
+def _autocast(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def configure_cuda(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+# --- linear probe: the feature cache ------------------------------------------------------------------
+
+
+def extract_features(backbone: nn.Module, norm: Normalization, images: np.ndarray, *,
+                     device: torch.device, batch_size: int = 128) -> np.ndarray:
+    """(N, F) float32 pooled features of the un-augmented images (fp32, eval mode)."""
+    backbone.eval().to(device, memory_format=torch.channels_last)
+    pipeline = InputPipeline(norm, device)
+    source = DeviceBatches(images, None, device)
+    out = []
+    with torch.inference_mode():
+        for x, _ in source.batches(torch.arange(len(source)), batch_size):
+            out.append(backbone(pipeline(x)).float())
+    return torch.cat(out).cpu().numpy() if out else np.zeros((0, 0), np.float32)
+
+
+def cached_features(cache_dir: Path, ids: list[str], images: "np.ndarray | _Concat",
+                    compute: Callable[[np.ndarray], np.ndarray], log: Log = print, chunk: int = 8192) -> np.ndarray:
+    """Features of `ids` (images[n] is the image of ids[n]), computing and caching only those not
+    in cache_dir yet, `chunk` images at a time (bounded memory; a killed run keeps finished chunks).
+
+    Layout: shards <hash>.npy (rows of float32 features) each with <hash>.ids.json (their image ids),
+    written temp + rename, the ids last: a shard counts only once both are complete, and concurrent
+    runs write differently named shards.
+    """
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    where: dict[str, tuple[Path, int]] = {}
+    for index_file in sorted(cache_dir.glob("*.ids.json")):
+        shard = index_file.with_name(index_file.name.removesuffix(".ids.json") + ".npy")
+        for row, image_id in enumerate(json.loads(index_file.read_text())):
+            where.setdefault(image_id, (shard, row))
+    first = {}
+    for n, image_id in enumerate(ids):
+        first.setdefault(image_id, n)
+    missing = [n for image_id, n in first.items() if image_id not in where]
+    log(f"features: {len(first) - len(missing)} of {len(first)} cached in {cache_dir}, computing {len(missing)}")
+    for start in range(0, len(missing), chunk):
+        positions = missing[start:start + chunk]
+        new_ids = [ids[n] for n in positions]
+        features = np.ascontiguousarray(compute(images[positions]), dtype=np.float32)
+        name = params_hash({"ids": new_ids})
+        shard = cache_dir / f"{name}.npy"
+        _atomic_write(shard, lambda f: np.save(f, features))
+        _atomic_write(cache_dir / f"{name}.ids.json", lambda f: f.write(json.dumps(new_ids).encode()))
+        for row, image_id in enumerate(new_ids):
+            where[image_id] = (shard, row)
+    maps = {}
+    rows = []
+    for image_id in ids:
+        shard, row = where[image_id]
+        if shard not in maps:
+            maps[shard] = np.load(shard, mmap_mode="r")
+        rows.append(maps[shard][row])
+    return np.stack(rows).astype(np.float32)
+
+
+# --- training --------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    checkpoint_path: Path
+    model_id: str  # sha256 of the checkpoint file
+    history: list[dict]  # per epoch: epoch, lr, train_loss, train_metric, val_loss, val_metric
+    best_epoch: int
+    epochs_run: int
+    best_val: float  # val_metric at best_epoch
+    metric: str  # "accuracy" (higher is better) or "mse" (lower is better)
+    device: str
+    wall_seconds: float
+    images_per_second: float  # training throughput (linear_probe: of the head on cached features)
+    curve_png: Path
+    run_dir: Path
+    resumed_from_epoch: int = 0  # 0: trained from scratch in one go
+    hyperparameters: dict = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()})
+
+    @classmethod
+    def from_json(cls, text: str) -> "TrainResult":
+        d = json.loads(text)
+        for key in ("checkpoint_path", "curve_png", "run_dir"):
+            d[key] = Path(d[key])
+        return cls(**d)
+
+
+def training_hyperparameters(experiment: ExperimentSpec) -> dict:
+    hp = {k: list(v) if isinstance(v, tuple) else v for k, v in ((k, getattr(experiment, k)) for k in TRAINING_KEYS)}
+    if experiment.pretrained not in ("none", "timm", "efficientnet_lite0"):
+        hp["pretrained_sha256"] = sha256_file(Path(experiment.pretrained).expanduser())
+    return hp
+
+
+def train_model(experiment: ExperimentSpec, data: TrainingData, *, split_id: str, work_dir: Path,
+                log: Log = print, on_epoch_end: Callable[[int, list[dict]], None] | None = None,
+                device: str | torch.device | None = None, feature_cache: Path | None = None) -> TrainResult:
+    """Train (or resume, or return the finished run for the same inputs) and save the best epoch's
+    network as work_dir/<sha256>.pt, its learning curve beside it as <sha256>.png.
+
+    The run folder work_dir/runs/<hash of experiment, split, data, hyperparameters> holds last.pt,
+    written atomically after every epoch; a killed run called again continues after its last epoch.
+    """
+    _check_data(experiment, data)
+    hyperparameters = training_hyperparameters(experiment)
+    run_key = params_hash({"experiment": experiment.name, "split_id": split_id, "data": data.fingerprint(), **hyperparameters})
+    work_dir = Path(work_dir)
+    run_dir = work_dir / "runs" / run_key
+    finished = _finished_result(run_dir)
+    if finished is not None:
+        log(f"{experiment.name}: already trained (run {run_key}): model {finished.model_id}")
+        return finished
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = pick_device(device, log)
+    configure_cuda(device)
+    with _deterministic(device):
+        return _Run(experiment, data, split_id, run_dir, work_dir, hyperparameters, device, log,
+                    on_epoch_end, Path(feature_cache) if feature_cache else data_dir() / "features").train()
+
+
+class _Run:
+    """One training run's state; train() drives it epoch by epoch."""
+
+    def __init__(self, experiment, data, split_id, run_dir, work_dir, hyperparameters, device, log,
+                 on_epoch_end, feature_cache):
+        self.exp, self.data, self.split_id = experiment, data, split_id
+        self.run_dir, self.work_dir, self.hp = run_dir, work_dir, hyperparameters
+        self.device, self.log, self.on_epoch_end, self.feature_cache = device, log, on_epoch_end, feature_cache
+        self.started = time.perf_counter()
+        self.probe = experiment.mode == "linear_probe"
+        self.metric = "accuracy" if experiment.task == "classification" else "mse"
+
+    def train(self) -> TrainResult:
+        exp, device = self.exp, self.device
+        torch.manual_seed(exp.seed)
+        self.net, self.norm, num_features = build_net(
+            exp.model, image_size=exp.image_size, pretrained=exp.pretrained, mode=exp.mode, task=exp.task,
+            num_outputs=self.data.num_outputs, head_hidden=exp.head_hidden)
+        self.log(f"{exp.name}: {exp.model} ({exp.pretrained} weights, {num_features} features) {exp.mode} "
+                 f"{exp.task}, {len(self.data.train_ids)} train / {len(self.data.val_ids)} val images at "
+                 f"{exp.image_size} px on {describe_device(device)}")
+        train_src, val_src = self._sources()
+        trainable = self.net.head if self.probe else self.net
+        self.net.to(device, memory_format=torch.channels_last)
+        if self.probe:
+            self.net.backbone.requires_grad_(False).eval()
+        if exp.task == "regression":
+            destandardize = self.net.head[-1]
+            destandardize.mean.copy_(torch.from_numpy(self.data.y_train.mean(0)))
+            destandardize.std.copy_(torch.from_numpy(np.maximum(self.data.y_train.std(0), 1e-6)))
+        if exp.compile and device.type != "cuda":
+            self.log("compile: torch.compile is used on CUDA only; running eager on the CPU")
+        optimizer = _optimizer(trainable, exp, device)
+        scheduler = _scheduler(optimizer, exp, self.metric)
+        loss_fn = _loss(exp.task, exp.label_smoothing, self.net.head)
+        val_loss_fn = _loss(exp.task, 0.0, self.net.head)
+        step = TrainStep(self.net.head if self.probe else self.net, loss_fn, optimizer, device, compile=exp.compile)
+        pipeline = None if self.probe else InputPipeline(self.norm, device, torch.Generator(device=device).manual_seed(exp.seed))
+        shuffle = torch.Generator().manual_seed(exp.seed)
+
+        state = self._resume(trainable, optimizer, scheduler, shuffle, pipeline)
+        history, best_epoch = state["history"], state["best_epoch"]
+        # A CPU copy of the best epoch's weights; last.pt stores it only when they are not the current ones.
+        best_weights = _cpu_state(state["best_state"] or trainable.state_dict())
+        seconds, images_trained, wall_before = state["seconds"], state["images_trained"], state["wall_seconds"]
+        resumed_from = state["epoch"]
+        stop = state["finished"]
+        epoch = state["epoch"]
+        while not stop and epoch < exp.epochs:
+            epoch += 1
+            trainable.train()
+            t0 = time.perf_counter()
+            loss_sum = torch.zeros((), device=device)
+            metric_sum = torch.zeros((), device=device)
+            n_seen = 0
+            for x, y in train_src.batches(torch.randperm(len(train_src), generator=shuffle), exp.batch_size, drop_last=True):
+                if pipeline is not None:
+                    x = pipeline(x, augment=exp.augment)
+                loss, out = step(x, y)
+                loss_sum += loss * len(y)
+                metric_sum += _metric_sum(out, y, exp.task)
+                n_seen += len(y)
+            train_loss, train_metric = loss_sum.item() / n_seen, metric_sum.item() / n_seen  # .item(): the one sync
+            seconds += time.perf_counter() - t0
+            images_trained += n_seen
+            val_loss, val_metric = evaluate(step.net, val_src, pipeline, val_loss_fn, exp.task, device, 2 * exp.batch_size)
+            lr = optimizer.param_groups[-1]["lr"]
+            history.append({"epoch": epoch, "lr": lr, "train_loss": train_loss, "train_metric": train_metric,
+                            "val_loss": val_loss, "val_metric": val_metric})
+            if exp.schedule == "plateau":
+                scheduler.step(val_metric)
+            elif scheduler is not None:
+                scheduler.step()
+            if best_epoch == 0 or _better(history[-1], history[best_epoch - 1], self.metric):
+                best_epoch, best_weights = epoch, _cpu_state(trainable.state_dict())
+            stop = exp.patience > 0 and epoch - best_epoch >= exp.patience
+            self.log(f"{exp.name}: epoch {epoch}/{exp.epochs} lr {lr:.2e} train loss {train_loss:.4f} "
+                     f"{self.metric} {train_metric:.4f} | val loss {val_loss:.4f} {self.metric} {val_metric:.4f}"
+                     f"{' *' if best_epoch == epoch else ''} ({n_seen / max(time.perf_counter() - t0, 1e-9):.0f} images/s)")
+            if stop:
+                self.log(f"{exp.name}: early stop: no val improvement for {exp.patience} epochs (best epoch {best_epoch})")
+            wall = wall_before + time.perf_counter() - self.started
+            _atomic_save(self.run_dir / "last.pt", {
+                "epoch": epoch, "history": history, "best_epoch": best_epoch,
+                "best_state": None if best_epoch == epoch else best_weights,
+                "model": _cpu_state(trainable.state_dict()), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "rng": _rng_state(shuffle, pipeline, device), "experiment": spec_dict(exp), "split_id": self.split_id,
+                "hyperparameters": self.hp, "seconds": seconds, "images_trained": images_trained,
+                "wall_seconds": wall, "finished": stop or epoch >= exp.epochs})
+            if self.on_epoch_end is not None:
+                self.on_epoch_end(epoch, history)
+        trainable.load_state_dict(best_weights)
+        return self._finish(history, best_epoch, resumed_from,
+                            wall_before + time.perf_counter() - self.started,
+                            images_trained / seconds if seconds else 0.0)
+
+    def _sources(self) -> tuple[DeviceBatches, DeviceBatches]:
+        data, device = self.data, self.device
+        y_train, y_val = (torch.from_numpy(np.asarray(y)) for y in (data.y_train, data.y_val))
+        if not self.probe:
+            return DeviceBatches(data.x_train, y_train, device), DeviceBatches(data.x_val, y_val, device)
+        backbone = self.net.backbone
+        key = f"{self.exp.model}-{self.exp.image_size}px-{weights_fingerprint(backbone)[:16]}"
+        features = cached_features(
+            self.feature_cache / key, data.train_ids + data.val_ids, _Concat(data.x_train, data.x_val),
+            lambda images: extract_features(backbone, self.norm, images, device=device, batch_size=max(2 * self.exp.batch_size, 64)),
+            self.log)
+        f_train, f_val = features[: len(data.train_ids)], features[len(data.train_ids):]
+        standardize = self.net.head[0]
+        standardize.mean.copy_(torch.from_numpy(f_train.mean(0)))
+        std = f_train.std(0)
+        # Floor: a feature (nearly) constant on the training images must not blow up on others.
+        standardize.std.copy_(torch.from_numpy(np.maximum(std, 0.1 * std.mean() + 1e-6)))
+        return (DeviceBatches(torch.from_numpy(f_train), y_train, device),
+                DeviceBatches(torch.from_numpy(f_val), y_val, device))
+
+    def _resume(self, trainable, optimizer, scheduler, shuffle, pipeline) -> dict:
+        last = self.run_dir / "last.pt"
+        fresh = {"epoch": 0, "history": [], "best_epoch": 0, "best_state": None, "seconds": 0.0,
+                 "images_trained": 0, "wall_seconds": 0.0, "finished": False}
+        if not last.is_file():
+            return fresh
+        state = torch.load(last, map_location="cpu", weights_only=True)
+        trainable.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"], shuffle, pipeline, self.device)
+        self.log(f"{self.exp.name}: resuming after epoch {state['epoch']} from {last}")
+        return {k: state[k] for k in fresh}
+
+    def _finish(self, history, best_epoch, resumed_from, wall_seconds, images_per_second) -> TrainResult:
+        exp = self.exp
+        info = {
+            "format": CHECKPOINT_FORMAT, "architecture": exp.model, "image_size": exp.image_size,
+            "pretrained": exp.pretrained, "mode": exp.mode, "task": exp.task, "classes": self.data.classes,
+            "targets": self.data.targets, "num_outputs": self.data.num_outputs, "head_hidden": exp.head_hidden,
+            "normalization": self.norm.as_dict(), "metric": self.metric, "experiment": spec_dict(exp),
+            "split_id": self.split_id, "data_fingerprint": self.data.fingerprint(), "hyperparameters": self.hp,
+            "history": history, "best_epoch": best_epoch, "epochs_run": len(history),
+        }
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.work_dir / f".checkpoint.{os.getpid()}.tmp"
+        # info as canonical JSON text: pickling equal dicts can give different bytes (shared vs
+        # separate string objects, e.g. after a resume), and the file's sha256 is the model's id.
+        _atomic_save(tmp, {"state_dict": _cpu_state(self.net.state_dict()), "info": json.dumps(info, sort_keys=True)})
+        model_id = sha256_file(tmp)
+        path = self.work_dir / f"{model_id}.pt"
+        os.replace(tmp, path)
+        curve = learning_curve_png(history, self.metric, self.work_dir / f"{model_id}.png", title=f"{exp.name}: {exp.model}")
+        best = history[best_epoch - 1]
+        result = TrainResult(
+            checkpoint_path=path, model_id=model_id, history=history, best_epoch=best_epoch,
+            epochs_run=len(history), best_val=best["val_metric"], metric=self.metric,
+            device=describe_device(self.device), wall_seconds=wall_seconds, images_per_second=images_per_second,
+            curve_png=curve, run_dir=self.run_dir, resumed_from_epoch=resumed_from, hyperparameters=self.hp)
+        _atomic_write(self.run_dir / "result.json", lambda f: f.write(result.to_json().encode()))
+        self.log(f"{exp.name}: best epoch {best_epoch}: val {self.metric} {best['val_metric']:.4f}; "
+                 f"model {model_id} ({wall_seconds:.1f} s, {images_per_second:.0f} images/s)")
+        return result
+
+
+class _Concat:
+    """Two arrays read as one by a list of positions, without first copying both into one."""
+
+    def __init__(self, a: np.ndarray, b: np.ndarray):
+        self.a, self.b = a, b
+
+    def __getitem__(self, positions: list[int]) -> np.ndarray:
+        p = np.asarray(positions, dtype=np.int64)
+        n = len(self.a)
+        out = np.empty((len(p), *self.a.shape[1:]), self.a.dtype)
+        first = p < n
+        out[first] = self.a[p[first]]
+        out[~first] = self.b[p[~first] - n]
+        return out
+
+
+def evaluate(net: nn.Module, source: DeviceBatches, pipeline: InputPipeline | None, loss_fn: nn.Module,
+             task: str, device: torch.device, batch_size: int) -> tuple[float, float]:
+    """(mean loss, metric) over source: accuracy, or the MSE in the targets' units. Eager (not the
+    compiled forward: eval mode would make torch.compile trace the graph a second time)."""
+    was_training = net.training
+    net.eval()
+    loss_sum = torch.zeros((), device=device)
+    metric_sum = torch.zeros((), device=device)
+    with torch.inference_mode(), _autocast(device):
+        for x, y in source.batches(torch.arange(len(source)), batch_size):
+            out = net(pipeline(x) if pipeline is not None else x).float()
+            loss_sum += loss_fn(out, y) * len(y)
+            metric_sum += _metric_sum(out, y, task)
+    net.train(was_training)
+    return loss_sum.item() / len(source), metric_sum.item() / len(source)
+
+
+def _metric_sum(out: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor:
+    if task == "regression":
+        return ((out - y) ** 2).mean(1).sum()
+    labels = y if y.ndim == 1 else y.argmax(1)
+    return (out.argmax(1) == labels).sum()
+
+
+def _better(a: dict, b: dict, metric: str) -> bool:
+    if metric == "accuracy":  # ties (small val sets) go to the lower val loss
+        return (a["val_metric"], -a["val_loss"]) > (b["val_metric"], -b["val_loss"])
+    return a["val_metric"] < b["val_metric"]
+
+
+def _loss(task: str, smoothing: float, head: nn.Sequential) -> nn.Module:
+    if task == "regression":
+        return StandardizedMSE(head[-1].std)
+    # CrossEntropyLoss takes class indices or class probabilities (soft labels) alike.
+    return nn.CrossEntropyLoss(label_smoothing=smoothing)
+
+
+def _optimizer(module: nn.Module, exp: ExperimentSpec, device: torch.device) -> torch.optim.Optimizer:
+    # timm's factory: no weight decay on biases and norm weights; its "sgd" is Nesterov, momentum 0.9.
+    kwargs = {"fused": True} if device.type == "cuda" and exp.optimizer in ("adamw", "sgd") else {}
+    return create_optimizer_v2(module, opt=exp.optimizer, lr=exp.lr, weight_decay=exp.weight_decay, momentum=0.9, **kwargs)
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, exp: ExperimentSpec, metric: str):
+    if exp.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=exp.epochs)
+    if exp.schedule == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="max" if metric == "accuracy" else "min", factor=0.1, patience=max(1, exp.patience // 2))
+    return None
+
+
+def _check_data(exp: ExperimentSpec, data: TrainingData) -> None:
+    for part, x, y, ids in (("train", data.x_train, data.y_train, data.train_ids), ("val", data.x_val, data.y_val, data.val_ids)):
+        if len(ids) < (2 if part == "train" else 1):
+            raise TrainingError(f"experiment {exp.name!r}: {len(ids)} {part} image(s) is too few to train on")
+        if x.dtype != np.uint8 or x.shape != (len(ids), exp.image_size, exp.image_size, 3) or len(y) != len(ids):
+            raise ValueError(f"{part}: expected uint8 images ({len(ids)}, {exp.image_size}, {exp.image_size}, 3) "
+                             f"and {len(ids)} targets, got {x.dtype} {x.shape} and {len(y)}")
+    if (exp.task == "classification") != (data.classes is not None):
+        raise ValueError(f"task {exp.task} needs {'classes' if exp.task == 'classification' else 'targets'} in TrainingData")
+
+
+def _cpu_state(state: dict) -> dict:
+    return {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
+
+
+def _rng_state(shuffle: torch.Generator, pipeline: InputPipeline | None, device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state(), "shuffle": shuffle.get_state()}
+    if pipeline is not None:
+        state["augment"] = pipeline.generator.get_state()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, shuffle: torch.Generator, pipeline: InputPipeline | None, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    shuffle.set_state(state["shuffle"])
+    if pipeline is not None:
+        pipeline.generator.set_state(state["augment"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+@contextmanager
+def _deterministic(device: torch.device):
+    """Deterministic kernels on the CPU (same seed and inputs -> same weights); CUDA keeps fast ones."""
+    if device.type != "cpu":
+        yield
+        return
+    before, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=warn_only)
+
+
+def spec_dict(exp: ExperimentSpec) -> dict:
+    """The experiment spec as plain data, without `origin` (the path of the catalog file that defined
+    it), so the same training in another checkout gives the same checkpoint bytes."""
+    d = dataclasses.asdict(exp)
+    d.pop("origin", None)
+    return d
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return f"{device} ({torch.get_num_threads()} threads)"
+
+
+def _finished_result(run_dir: Path) -> TrainResult | None:
+    path = run_dir / "result.json"
+    if not path.is_file():
+        return None
+    result = TrainResult.from_json(path.read_text())
+    return result if result.checkpoint_path.is_file() else None
+
+
+def _atomic_write(path: Path, write: Callable) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _atomic_save(path: Path, obj) -> None:
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+# --- the learning curve --------------------------------------------------------------------------
+
+
+def learning_curve_png(history: list[dict], metric: str, path: Path, *, title: str = "") -> Path:
+    """Loss and metric per epoch (train and val), best epoch marked; written atomically."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure  # no pyplot: no global backend state in a library
+
+    epochs = [h["epoch"] for h in history]
+    fig = Figure(figsize=(9, 3.4), dpi=100)
+    FigureCanvasAgg(fig)
+    for ax, key, label in zip(fig.subplots(1, 2), ("loss", "metric"), ("loss", metric)):
+        ax.plot(epochs, [h[f"train_{key}"] for h in history], "o-", label="train")
+        ax.plot(epochs, [h[f"val_{key}"] for h in history], "o-", label="val")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    _atomic_write(path, lambda f: fig.savefig(f, format="png"))
+    return path
+
+
+# --- the models table, checkpoints, prediction ------------------------------------------------------
+
+
+def record_model(db: Database, result: TrainResult, experiment: ExperimentSpec, split_id: str,
+                 split_fingerprint: str | None) -> str:
+    """Write (or replace) the `models` row for a finished run; returns model_id."""
+    _, info = _read_checkpoint(result.checkpoint_path)
+    with db.transaction() as conn:
+        conn.execute(
+            "INSERT OR REPLACE INTO models (model_id, experiment, split_id, split_fingerprint, architecture, "
+            "hyperparameters, classes, epochs_run, best_epoch, history, device, versions, code_version, "
+            "wall_seconds, images_per_second, checkpoint_path) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [result.model_id, experiment.name, split_id, split_fingerprint, experiment.model,
+             json.dumps(result.hyperparameters), json.dumps(info["classes"] or info["targets"]), result.epochs_run,
+             result.best_epoch, json.dumps(result.history), result.device, json.dumps(versions()), code_version(),
+             result.wall_seconds, result.images_per_second, str(result.checkpoint_path)])
+    return result.model_id
+
+
+def versions() -> dict:
+    import torchvision
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "timm": timm.__version__, "numpy": np.__version__, "cuda": torch.version.cuda}
+
+
+def code_version() -> str:
+    """emopipe's version, plus the git commit when running from a checkout."""
+    try:
+        commit = subprocess.run(["git", "-C", str(PROJECT_DIR), "rev-parse", "--short=12", "HEAD"],
+                                capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"{emopipe.__version__}+g{commit}" if commit else emopipe.__version__
+
+
+def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
+    """(network in eval mode on the CPU, info: classes, targets, normalization, image_size, task, ...)."""
+    state, info = _read_checkpoint(Path(path))
+    net, _, _ = build_net(info["architecture"], image_size=info["image_size"], pretrained="none", mode=info["mode"],
+                          task=info["task"], num_outputs=info["num_outputs"], head_hidden=info["head_hidden"])
+    net.load_state_dict(state)
+    return net.eval(), info
+
+
+def _read_checkpoint(path: Path) -> tuple[dict, dict]:
+    if not path.is_file():
+        raise TrainingError(f"checkpoint {path} does not exist")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    info = json.loads(checkpoint["info"]) if isinstance(checkpoint, dict) and isinstance(checkpoint.get("info"), str) else {}
+    if info.get("format") != CHECKPOINT_FORMAT:
+        raise TrainingError(f"{path} is not an emopipe trained-model checkpoint ({CHECKPOINT_FORMAT})")
+    return checkpoint["state_dict"], info
+
+
+def predict(model: nn.Module, info: dict, x: np.ndarray, *, device: str | torch.device | None = None,
+            batch_size: int = 256) -> np.ndarray:
+    """Class probabilities (N, C), or regression outputs (N, T), for uint8 images (N, S, S, 3)."""
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.eval().to(device, memory_format=torch.channels_last)
+    pipeline = InputPipeline(Normalization.from_dict(info["normalization"]), device)
+    source = DeviceBatches(x, None, device)
+    out = []
+    with torch.inference_mode(), _autocast(device):
+        for batch, _ in source.batches(torch.arange(len(source)), batch_size):
+            y = model(pipeline(batch)).float()
+            out.append(y.softmax(1) if info["task"] == "classification" else y)
+    return torch.cat(out).cpu().numpy() if out else np.zeros((0, info["num_outputs"]), np.float32)
