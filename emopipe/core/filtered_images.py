@@ -1,0 +1,99 @@
+"""The text filter: which of a dataset's images an experiment keeps.
+
+With the filter on, an image is kept when its text_scores row (for the given params_hash) says
+has_text = false; images with text are removed, unreadable ones (has_text NULL) are left out and
+counted. With it off, every image is kept. The kept set is content-addressed: filter_id = sha256
+over the params_hash (or "no-filter") and the sorted kept image_ids, so two experiments that
+keep the same images under the same settings share one set of `filtered_images` rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+from emopipe.db import Database
+from emopipe.fingerprint import rows_fingerprint
+
+N_EXAMPLES = 8
+
+
+class MissingTextScores(RuntimeError):
+    """The text filter needs a decision for every image: text_scores has not run on them."""
+
+
+@dataclass(frozen=True)
+class FilterResult:
+    filter_id: str
+    n_input: int
+    n_kept: int
+    n_removed: int  # has_text = true
+    n_unreadable: int  # has_text NULL: left out, neither kept nor counted as text
+    removed_per_class: dict[str, int] = field(default_factory=dict)
+    removed_examples: list[str] = field(default_factory=list)  # a few removed image_ids, for a preview
+    input_fingerprint: str = ""
+
+
+def filter_id_of(params_hash: str | None, kept: list[str]) -> str:
+    h = hashlib.sha256(f"{params_hash or 'no-filter'}\n".encode())
+    for image_id in sorted(kept):
+        h.update(f"{image_id}\n".encode())
+    return h.hexdigest()
+
+
+def filter_images(
+    db: Database, *, experiment: str, dataset: str, text_filter: bool,
+    params_hash: str | None, params: dict | None,
+) -> FilterResult:
+    """Decide the kept set of `dataset` for `experiment` and store it (filter_runs + filtered_images)."""
+    if text_filter and not params_hash:
+        raise ValueError("text_filter is on but no params_hash names the text_scores decisions to use")
+    key = params_hash if text_filter else None
+    # Each image of the dataset with its decision; with the filter off, no row joins (key is NULL).
+    scored = """
+        SELECT i.image_id, i.label, s.has_text, s.image_id IS NOT NULL AS has_row
+        FROM images i LEFT JOIN text_scores s ON s.image_id = i.image_id AND s.params_hash = $2
+        WHERE i.dataset = $1"""
+    kept_if = "(NOT $3 OR has_text = false)"
+    args = [dataset, key, text_filter]
+    with db.transaction() as conn:
+        n_input, n_unscored, n_removed, n_unreadable, example_unscored = conn.execute(
+            f"SELECT count(*), count(*) FILTER (NOT has_row), count(*) FILTER (has_text),"
+            f" count(*) FILTER (has_row AND has_text IS NULL), min(image_id) FILTER (NOT has_row)"
+            f" FROM ({scored})", args[:2]).fetchone()
+        if text_filter and n_unscored:
+            raise MissingTextScores(
+                f"{n_unscored} of {n_input} images of dataset {dataset!r} have no text_scores row for "
+                f"params_hash {key} (e.g. {example_unscored}): run text_scores first")
+        kept = [r[0] for r in conn.execute(
+            f"SELECT image_id FROM ({scored}) WHERE {kept_if} ORDER BY image_id", args).fetchall()]
+        per_class = dict(conn.execute(
+            f"SELECT label, count(*) FROM ({scored}) WHERE has_text GROUP BY label ORDER BY label", args[:2]).fetchall())
+        examples = [r[0] for r in conn.execute(
+            f"SELECT image_id FROM ({scored}) WHERE has_text ORDER BY image_id LIMIT {N_EXAMPLES}", args[:2]).fetchall()]
+        input_fingerprint = rows_fingerprint(conn.execute(
+            "SELECT image_id, label FROM images WHERE dataset = $1", [dataset]).fetchall())
+        filter_id = filter_id_of(key, kept)
+        result = FilterResult(
+            filter_id=filter_id, n_input=n_input, n_kept=len(kept), n_removed=n_removed,
+            n_unreadable=n_unreadable, removed_per_class=per_class, removed_examples=examples,
+            input_fingerprint=input_fingerprint,
+        )
+        conn.execute(
+            "INSERT OR REPLACE INTO filter_runs (filter_id, experiment, dataset, text_filter, params_hash, params,"
+            " input_fingerprint, n_input, n_kept, n_removed, n_unreadable) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11)",
+            [filter_id, experiment, dataset, text_filter, key, json.dumps(params) if text_filter and params else None,
+             result.input_fingerprint, result.n_input, result.n_kept, result.n_removed, result.n_unreadable])
+        if kept:
+            conn.execute(
+                "INSERT OR IGNORE INTO filtered_images (filter_id, image_id) SELECT $1, unnest($2::VARCHAR[])",
+                [filter_id, kept])
+    return result
+
+
+def kept_image_ids(db: Database, filter_id: str) -> list[str]:
+    """The kept set of a filter run, sorted."""
+    with db.connect() as conn:
+        return [r[0] for r in conn.execute(
+            "SELECT image_id FROM filtered_images WHERE filter_id = $1 ORDER BY image_id", [filter_id]).fetchall()]

@@ -1,0 +1,366 @@
+"""Text detection: EasyOCR per image, and the decision `has_text` under configurable thresholds.
+
+Input. Each image is decoded from its ORIGINAL bytes in the object store (EXIF-transposed, RGB,
+transparency flattened onto white), the whole image, longer side scaled down to `ocr_size`
+(never up), JPEGs decoded in Pillow's draft mode at the smallest DCT scale still >= that size.
+Not the packed arrays: 32 px erases text, and the 224 px array is a centre crop that cuts the
+captions and watermarks sitting at the edges. The default size is DEFAULT_OCR_SIZE; see its comment.
+
+Two cache levels, so OCR never runs twice on an image:
+- `ocr_results` (image_id, engine): EasyOCR's raw boxes, engine = EasyOCR version + input size.
+  A decode failure of the (content-addressed) bytes is cached too; a missing object file is not,
+  since ingest may store it later.
+- `text_scores` (image_id, params_hash): the decision, re-derived from the stored boxes when a
+  threshold changes. An unreadable image gets has_text NULL and a reason, and is re-examined on
+  the next run.
+
+Where the work runs: one GPU reader when CUDA is there; otherwise one reader per worker process
+(spawned; torch threads split among them), as many as the cores and memory (READER_BYTES each) allow.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import time
+import warnings
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import easyocr
+import numpy as np
+from PIL import Image, ImageDraw, ImageOps
+
+from emopipe.catalog import TextThresholds
+from emopipe.db import Database
+from emopipe.fingerprint import params_hash as hash_params
+from emopipe.paths import object_path
+
+# Measured on the synthetic demo (2 CPU cores): 384 px finds the captions 320 px misses at
+# ~35 % more time per image than 320; 480 px finds no more (see `python -m emopipe.bench ocr`).
+DEFAULT_OCR_SIZE = 384
+READER_BYTES = int(1.5 * 2**30)  # a CPU reader's resident memory (~1.3 GB measured) plus headroom
+FLUSH_EVERY = 64  # images per write transaction, so a killed run keeps its finished work
+LOG_EVERY_SECONDS = 30.0
+
+Reader = Any  # an easyocr.Reader, or anything with its readtext(np.ndarray) -> [(box, text, conf)]
+
+
+@dataclass(frozen=True)
+class OcrOutput:
+    """One image's raw OCR result: boxes on the (width x height) OCR input, or an error."""
+
+    image_id: str
+    width: int = 0
+    height: int = 0
+    boxes: tuple[dict, ...] = ()
+    error: str | None = None
+    cacheable: bool = True  # False for a missing object file
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class Decision:
+    has_text: bool | None
+    n_boxes: int | None = None
+    best_confidence: float | None = None
+    text_area: float | None = None  # fraction of the image covered by the boxes that pass
+    text: str | None = None
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class TextScoreResult:
+    params_hash: str
+    n_images: int
+    n_ocr_run: int  # images OCR'd in this call
+    n_cached: int  # images whose OCR output (or decision) was already stored
+    n_has_text: int
+    n_unreadable: int
+    seconds: float
+    images_per_second: float  # OCR'd images per second of the OCR phase, reader start-up included
+    workers: int
+    device: str
+
+
+def ocr_engine(ocr_size: int) -> str:
+    """The ocr_results cache key: what determines the raw boxes."""
+    return f"easyocr-{easyocr.__version__}-{ocr_size}px"
+
+
+def score_params(thresholds: TextThresholds, ocr_size: int = DEFAULT_OCR_SIZE) -> tuple[str, dict]:
+    """(params_hash, params): the text_scores key of a decision."""
+    params = {"engine": ocr_engine(ocr_size), "ocr_size": ocr_size, **thresholds.as_dict()}
+    return hash_params(params), params
+
+
+def make_reader(gpu: bool, work_dir: Path) -> Reader:
+    """An English EasyOCR reader from the offline weights package; it never downloads."""
+    import easyocr_en_models
+
+    with warnings.catch_warnings():
+        # EasyOCR quantizes its CPU models with torch.ao.quantization, which torch now deprecates.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        return easyocr.Reader(
+            ["en"], gpu=gpu, model_storage_directory=easyocr_en_models.model_dir(), download_enabled=False,
+            user_network_directory=str(Path(work_dir) / "easyocr"), verbose=False,
+        )
+
+
+def load_for_ocr(path: Path, ocr_size: int) -> np.ndarray:
+    """The whole image as RGB uint8, longer side scaled down to ocr_size."""
+    with Image.open(path) as img:
+        scale = min(1.0, ocr_size / max(img.size))
+        target = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+        img.draft("RGB", target)  # JPEG: decode at 1/2..1/8 scale, still >= target
+        img = ImageOps.exif_transpose(img)
+        if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+            img = Image.alpha_composite(Image.new("RGBA", img.size, "white"), img.convert("RGBA"))
+        img = img.convert("RGB")
+        img.thumbnail((ocr_size, ocr_size), Image.Resampling.LANCZOS)
+        return np.asarray(img)
+
+
+def _read(image_id: str, objects_root: Path, ocr_size: int) -> tuple[np.ndarray | None, OcrOutput | None]:
+    """(pixels, None), or (None, the error OcrOutput) when the object is missing or undecodable."""
+    path = object_path(image_id, objects_root)
+    if not path.is_file():
+        return None, OcrOutput(image_id, error=f"missing object file {path}", cacheable=False)
+    try:
+        return load_for_ocr(path, ocr_size), None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        return None, OcrOutput(image_id, error=f"unreadable image: {type(e).__name__}: {e}")
+
+
+def _ocr(reader: Reader, image_id: str, pixels: np.ndarray) -> OcrOutput:
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch's quantized-tensor deprecation, per call
+        found = reader.readtext(pixels)
+    boxes = tuple(
+        {"points": [[float(x), float(y)] for x, y in points], "text": text, "confidence": float(conf)}
+        for points, text, conf in found
+    )
+    height, width = pixels.shape[:2]
+    return OcrOutput(image_id, width, height, boxes, seconds=time.perf_counter() - start)
+
+
+def decide(ocr: OcrOutput, thresholds: TextThresholds) -> Decision:
+    """has_text: the boxes at or above min_confidence hold >= min_chars letters/digits and cover
+    >= min_area of the image (their union, so overlapping boxes count once)."""
+    if ocr.error:
+        return Decision(None, reason=ocr.error)
+    passing = [b for b in ocr.boxes if b["confidence"] >= thresholds.min_confidence]
+    n_chars = sum(ch.isalnum() for b in passing for ch in b["text"])
+    mask = Image.new("1", (ocr.width, ocr.height))
+    draw = ImageDraw.Draw(mask)
+    for b in passing:  # corners are pixel edges; Pillow fills the pixels whose centres (x + 0.5) lie inside
+        draw.polygon([(x - 0.5, y - 0.5) for x, y in b["points"]], fill=1)
+    area = float(np.asarray(mask).mean()) if passing else 0.0
+    return Decision(
+        has_text=bool(passing) and n_chars >= thresholds.min_chars and area >= thresholds.min_area,
+        n_boxes=len(ocr.boxes),
+        best_confidence=max((b["confidence"] for b in ocr.boxes), default=None),
+        text_area=area,
+        text=" | ".join(b["text"] for b in ocr.boxes),
+    )
+
+
+# --- where OCR runs -------------------------------------------------------------------------------
+
+def _prefetched(items: list[str], load: Callable[[str], Any], depth: int) -> Iterator[Any]:
+    """load(item) for each item in order, decoding up to `depth` ahead on threads (Pillow releases the GIL)."""
+    with ThreadPoolExecutor(max(1, depth // 2)) as pool:
+        queue: deque = deque()
+        for item in items:
+            queue.append(pool.submit(load, item))
+            if len(queue) >= depth:
+                yield queue.popleft().result()
+        while queue:
+            yield queue.popleft().result()
+
+
+def _ocr_in_process(reader: Reader, ids: list[str], objects_root: Path, ocr_size: int) -> Iterator[OcrOutput]:
+    for image_id, (pixels, failed) in zip(ids, _prefetched(ids, lambda i: _read(i, objects_root, ocr_size), 8)):
+        yield failed or _ocr(reader, image_id, pixels)
+
+
+_worker_reader: Reader = None
+
+
+def _init_worker(threads: int, work_dir: str) -> None:
+    import torch
+
+    global _worker_reader
+    torch.set_num_threads(threads)  # before the reader exists, so the workers share the cores
+    _worker_reader = make_reader(False, Path(work_dir))
+
+
+def _worker_ocr(task: tuple[str, str, int]) -> OcrOutput:
+    image_id, objects_root, ocr_size = task
+    pixels, failed = _read(image_id, Path(objects_root), ocr_size)
+    return failed or _ocr(_worker_reader, image_id, pixels)
+
+
+def _ocr_in_workers(ids: list[str], objects_root: Path, ocr_size: int, workers: int, work_dir: Path) -> Iterator[OcrOutput]:
+    threads = max(1, available_cores() // workers)
+    # spawn: a forked child would inherit torch's thread pools and any open DuckDB handle.
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(threads, str(work_dir))) as pool:
+        yield from pool.imap_unordered(_worker_ocr, [(i, str(objects_root), ocr_size) for i in ids])
+
+
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def available_memory() -> int:
+    """MemAvailable from /proc/meminfo, in bytes."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no MemAvailable in /proc/meminfo")
+
+
+def default_workers() -> int:
+    """One CPU reader per core, as many as memory holds."""
+    return max(1, min(available_cores(), available_memory() // READER_BYTES))
+
+
+# --- the stage ------------------------------------------------------------------------------------
+
+def score_text(
+    db: Database,
+    image_ids: Iterable[str],
+    thresholds: TextThresholds,
+    *,
+    objects_root: Path,
+    work_dir: Path,
+    ocr_size: int = DEFAULT_OCR_SIZE,
+    workers: int | None = None,
+    device: str | None = None,
+    log: Callable[[str], None] = print,
+    reader_factory: Callable[[], Reader] | None = None,
+) -> TextScoreResult:
+    """Decide has_text for every image under `thresholds`, running OCR only where no stored output exists.
+
+    device: "cuda" or "cpu" (default: cuda when available). workers: CPU reader processes (default:
+    default_workers()). reader_factory: build the reader in this process instead (e.g. a shared or
+    instrumented one); OCR then runs here, on one reader. work_dir holds EasyOCR's scratch folder.
+    """
+    start = time.perf_counter()
+    ids = list(dict.fromkeys(image_ids))
+    engine = ocr_engine(ocr_size)
+    key, _ = score_params(thresholds, ocr_size)
+    with db.connect() as conn:
+        decided = {r[0] for r in conn.execute(
+            "SELECT image_id FROM text_scores WHERE params_hash = $1 AND has_text IS NOT NULL"
+            " AND image_id IN (SELECT unnest($2::VARCHAR[]))", [key, ids]).fetchall()}
+        stored = {r[0]: r[1:] for r in conn.execute(
+            "SELECT image_id, boxes, error FROM ocr_results WHERE engine = $1"
+            " AND image_id IN (SELECT unnest($2::VARCHAR[]))", [engine, ids]).fetchall()}
+    pending = [i for i in ids if i not in decided]
+    cached = [_from_row(i, *stored[i]) for i in pending if i in stored]
+    to_ocr = [i for i in pending if i not in stored]
+    if cached:
+        _write(db, engine, key, thresholds, cached, store_ocr=False)
+
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if reader_factory is not None or device == "cuda" or not to_ocr:
+        workers = 1
+    else:
+        workers = max(1, min(workers or default_workers(), len(to_ocr)))
+    n_ocr_run, ocr_start = 0, time.perf_counter()
+    if to_ocr:
+        log(f"text_scores: OCR on {len(to_ocr)} of {len(ids)} images ({engine}, {device}, {workers} worker(s))")
+        if workers > 1:
+            outputs = _ocr_in_workers(to_ocr, objects_root, ocr_size, workers, work_dir)
+        else:
+            reader = reader_factory() if reader_factory else make_reader(device == "cuda", work_dir)
+            outputs = _ocr_in_process(reader, to_ocr, objects_root, ocr_size)
+        batch: list[OcrOutput] = []
+        last_log = time.perf_counter()
+        for done, out in enumerate(outputs, 1):
+            batch.append(out)
+            n_ocr_run += out.error is None
+            if len(batch) >= FLUSH_EVERY or done == len(to_ocr):
+                _write(db, engine, key, thresholds, batch, store_ocr=True)
+                batch = []
+            if time.perf_counter() - last_log > LOG_EVERY_SECONDS:
+                last_log = time.perf_counter()
+                log(f"text_scores: {done}/{len(to_ocr)} images, {done / (last_log - ocr_start):.2f} images/s")
+    ocr_seconds = time.perf_counter() - ocr_start
+
+    with db.connect() as conn:
+        n_has_text, n_unreadable = conn.execute(
+            "SELECT count(*) FILTER (has_text), count(*) FILTER (has_text IS NULL) FROM text_scores"
+            " WHERE params_hash = $1 AND image_id IN (SELECT unnest($2::VARCHAR[]))", [key, ids]).fetchone()
+    return TextScoreResult(
+        params_hash=key, n_images=len(ids), n_ocr_run=n_ocr_run, n_cached=len(ids) - len(to_ocr),
+        n_has_text=n_has_text, n_unreadable=n_unreadable, seconds=time.perf_counter() - start,
+        images_per_second=n_ocr_run / ocr_seconds if n_ocr_run else 0.0, workers=workers, device=device,
+    )
+
+
+def _from_row(image_id: str, boxes: str | None, error: str | None) -> OcrOutput:
+    if error is not None:
+        return OcrOutput(image_id, error=error)
+    stored = json.loads(boxes)
+    return OcrOutput(image_id, stored["width"], stored["height"], tuple(stored["boxes"]))
+
+
+def _write(db: Database, engine: str, key: str, thresholds: TextThresholds, outputs: list[OcrOutput], *, store_ocr: bool) -> None:
+    """One transaction: the raw outputs (if new and cacheable) and the decisions."""
+    decisions = [decide(o, thresholds) for o in outputs]
+    ocr_rows = [o for o in outputs if store_ocr and o.cacheable]
+    with db.transaction() as conn:
+        if ocr_rows:
+            conn.execute(
+                "INSERT OR REPLACE INTO ocr_results (image_id, engine, boxes, error, seconds)"
+                " SELECT unnest($1::VARCHAR[]), $2, unnest($3::VARCHAR[]), unnest($4::VARCHAR[]), unnest($5::DOUBLE[])",
+                [[o.image_id for o in ocr_rows], engine,
+                 [None if o.error else json.dumps({"width": o.width, "height": o.height, "boxes": list(o.boxes)})
+                  for o in ocr_rows],
+                 [o.error for o in ocr_rows], [o.seconds for o in ocr_rows]])
+        conn.execute(
+            "INSERT OR REPLACE INTO text_scores"
+            " (image_id, params_hash, has_text, n_boxes, best_confidence, text_area, text, reason)"
+            " SELECT unnest($1::VARCHAR[]), $2, unnest($3::BOOLEAN[]), unnest($4::INTEGER[]), unnest($5::DOUBLE[]),"
+            " unnest($6::DOUBLE[]), unnest($7::VARCHAR[]), unnest($8::VARCHAR[])",
+            [[o.image_id for o in outputs], key, [d.has_text for d in decisions], [d.n_boxes for d in decisions],
+             [d.best_confidence for d in decisions], [d.text_area for d in decisions], [d.text for d in decisions],
+             [d.reason for d in decisions]])
+
+
+def text_quality(db: Database, dataset: str, params_hash: str) -> dict:
+    """Precision and recall of has_text against the ground truth in images.attributes->>'has_text'.
+
+    Images without ground truth are left out; unreadable ones (has_text NULL) are counted apart.
+    precision/recall are NaN when undefined (nothing predicted / nothing to find).
+    """
+    with db.connect() as conn:
+        tp, fp, fn, tn, n_unreadable = conn.execute(
+            """
+            WITH scored AS (
+                SELECT s.has_text AS predicted, TRY_CAST(i.attributes->>'has_text' AS BOOLEAN) AS truth
+                FROM images i JOIN text_scores s ON s.image_id = i.image_id AND s.params_hash = $2
+                WHERE i.dataset = $1)
+            SELECT count(*) FILTER (predicted AND truth), count(*) FILTER (predicted AND NOT truth),
+                   count(*) FILTER (NOT predicted AND truth), count(*) FILTER (NOT predicted AND NOT truth),
+                   count(*) FILTER (predicted IS NULL AND truth IS NOT NULL)
+            FROM scored WHERE truth IS NOT NULL
+            """, [dataset, params_hash]).fetchone()
+    return {
+        "precision": tp / (tp + fp) if tp + fp else float("nan"),
+        "recall": tp / (tp + fn) if tp + fn else float("nan"),
+        "tp": tp, "fp": fp, "fn": fn, "tn": tn, "n": tp + fp + fn + tn, "n_unreadable": n_unreadable,
+    }
