@@ -11,7 +11,8 @@ from PIL import Image
 from emopipe.catalog import ExperimentSpec, load_catalog
 from emopipe.core import trained_model
 from emopipe.core.images import build_arrays, decode_resize, default_arrays_root
-from emopipe.core.models import ModelError, create_model
+from emopipe.core.device_data import InputPipeline, random_resized_crop_flip
+from emopipe.core.models import ModelError, Normalization, create_model
 from emopipe.core.synthetic import render, synthetic_listing
 from emopipe.core.trained_model import (TrainingData, TrainingError, load_checkpoint, load_training_data, predict,
                                         record_model, train_model)
@@ -113,6 +114,28 @@ def test_efficientnet_lite0_package_weights_recognise_imagenet_photos(photos):
     top = predict(model, info, x, device="cpu").argmax(1)
     assert 281 <= top[0] <= 285  # ImageNet's cat classes (tabby, tiger cat, Persian, Siamese, Egyptian)
     assert top[1] == 967  # espresso
+
+
+# --- the data path ------------------------------------------------------------------------------------
+
+
+def test_augmentation_draws_a_crop_and_flip_per_sample(photos):
+    image = torch.from_numpy(np.array(Image.fromarray(photos["astronaut"]).resize((32, 32))))
+    batch = image.expand(64, 32, 32, 3).permute(0, 3, 1, 2).float()
+    out = random_resized_crop_flip(batch, torch.Generator().manual_seed(0))
+    assert len({o.numpy().tobytes() for o in out}) == 64  # torchvision's v2 on a batch: one crop for all
+    # Full-size boxes: each output is exactly the image or its mirror, about half of them mirrored.
+    whole = random_resized_crop_flip(batch, torch.Generator().manual_seed(0), scale=(1, 1), ratio=(1, 1))
+    same = [torch.allclose(o, batch[0], atol=1e-3) for o in whole]
+    mirrored = [torch.allclose(o, batch[0].flip(-1), atol=1e-3) for o in whole]
+    assert all(a != b for a, b in zip(same, mirrored)) and 16 < sum(mirrored) < 48
+
+
+def test_pipeline_normalizes_like_the_weights_expect():
+    pipeline = InputPipeline(Normalization((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)), torch.device("cpu"))
+    x = pipeline(torch.tensor([0, 255, 51], dtype=torch.uint8).expand(2, 4, 4, 3))
+    assert x.shape == (2, 3, 4, 4) and x.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(x[:, :, 0, 0], torch.tensor([-1.0, 1.0, -0.6]))
 
 
 # --- training -------------------------------------------------------------------------------------

@@ -1,11 +1,10 @@
 """Training (the core of `trained_model`): a timm backbone plus a task head, trained from the packed
 uint8 arrays, checkpointed every epoch, resumable, and saved under the sha256 of its checkpoint.
 
-Data path: the arrays go to the GPU once when they fit (else each batch is gathered into pinned host
-memory and copied with non_blocking=True); cropping, flipping and normalization run on the device, so
-no JPEG is decoded and no CPU worker touches a pixel during training. On CUDA: bf16 autocast,
-optional torch.compile. channels_last everywhere (on 2 CPU cores it, too, runs EfficientNet-Lite0 about
-1.6x faster). On the CPU the same code runs deterministically (tests, demo).
+Data path (device_data.py): the arrays go to the GPU once when they fit, cropping, flipping and
+normalization run on the device; no JPEG is decoded during training. On CUDA: bf16 autocast,
+optional torch.compile; channels_last everywhere (on 2 CPU cores it, too, runs EfficientNet-Lite0
+about 1.6x faster). On the CPU the same code runs deterministically (tests, demo).
 
 Modes: "finetune" trains the whole network; "linear_probe" (the FI study's "feature embedding +
 multi-class classification") freezes the pretrained backbone, computes its pooled features once per
@@ -17,25 +16,25 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import platform
 import subprocess
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import timm
 import torch
-import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
 from torch import nn
 
 import emopipe
 from emopipe.catalog import ExperimentSpec
+from emopipe.core.device_data import (DeviceBatches, InputPipeline, TrainStep, autocast, configure_cuda,
+                                      describe_device, pick_device)
 from emopipe.core.models import Normalization, create_model, weights_fingerprint
 from emopipe.db import Database
 from emopipe.errors import UserError
@@ -47,12 +46,7 @@ CHECKPOINT_FORMAT = "emopipe.trained_model/1"
 TRAINING_KEYS = ("image_size", "seed", "model", "pretrained", "mode", "task", "targets", "soft_labels",
                  "epochs", "batch_size", "optimizer", "lr", "weight_decay", "label_smoothing", "schedule",
                  "patience", "head_hidden", "augment")
-CROP_SCALE = (0.25, 1.0)  # RandomResizedCrop area fraction; torchvision's 0.08 is too harsh for 32 px
-CROP_RATIO = (3 / 4, 4 / 3)
 HEAD_DROPOUT = 0.2
-# Keep this much GPU memory free for activations when deciding whether the arrays live on the GPU.
-GPU_HEADROOM_BYTES = 12 << 30
-GPU_HEADROOM_FRACTION = 0.25
 
 Log = Callable[[str], None]
 
@@ -237,154 +231,6 @@ def build_net(architecture: str, *, image_size: int, pretrained: str, mode: str,
     return EmotionNet(backbone, make_head(mode, task, num_features, num_outputs, head_hidden)), norm, num_features
 
 
-# --- the data path on the device --------------------------------------------------------------------
-
-
-def pick_device(device: str | torch.device | None = None, log: Log = print) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    log(f"no CUDA GPU: running on the CPU ({torch.get_num_threads()} threads)")
-    return torch.device("cpu")
-
-
-def fits_on_gpu(nbytes: int, device: torch.device) -> bool:
-    free, total = torch.cuda.mem_get_info(device)
-    return nbytes <= free - max(GPU_HEADROOM_BYTES, GPU_HEADROOM_FRACTION * total)
-
-
-class DeviceBatches:
-    """Inputs (packed uint8 images, or features) and targets, served to the device by index.
-
-    On a GPU they are held there when they fit and gathered on the GPU per batch; otherwise each batch
-    is gathered into freshly allocated pinned host memory (PyTorch's caching host allocator does not
-    reuse a block until its copy has finished) and copied with non_blocking=True, so the gather of the
-    next batch overlaps the GPU's work on this one. Nothing here synchronizes with the GPU.
-    """
-
-    def __init__(self, inputs: np.ndarray | torch.Tensor, targets: np.ndarray | torch.Tensor | None,
-                 device: torch.device, *, on_device: bool | None = None):
-        self.device = device
-        self.inputs, self.targets = _host_tensor(inputs), None if targets is None else _host_tensor(targets)
-        if on_device is None:
-            on_device = device.type != "cuda" or fits_on_gpu(self.inputs.nbytes, device)
-        self.on_device = on_device
-        if on_device:
-            self.inputs = self.inputs.to(device)
-            self.targets = None if self.targets is None else self.targets.to(device)
-
-    def __len__(self) -> int:
-        return len(self.inputs)
-
-    def batches(self, order: torch.Tensor, batch_size: int, *, drop_last: bool = False
-                ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-        """(inputs, targets) on the device, batch by batch in `order` (a CPU index tensor).
-        drop_last drops a final partial batch unless it is the only one (BatchNorm needs > 1 sample)."""
-        n = len(order)
-        stops = range(batch_size, n + 1, batch_size) if drop_last and n >= batch_size else \
-            range(batch_size, n + batch_size, batch_size)
-        order = order.to(self.device) if self.on_device else order
-        start = 0
-        for stop in stops:
-            yield self.take(order[start:min(stop, n)])
-            start = stop
-
-    def take(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if self.on_device:
-            return self.inputs.index_select(0, index), None if self.targets is None else self.targets.index_select(0, index)
-        return _pinned_gather(self.inputs, index, self.device), \
-            None if self.targets is None else _pinned_gather(self.targets, index, self.device)
-
-
-def _host_tensor(a: np.ndarray | torch.Tensor) -> torch.Tensor:
-    if isinstance(a, torch.Tensor):
-        return a
-    if not a.flags.writeable or not a.flags.c_contiguous:  # torch.from_numpy wants writable C order
-        a = np.array(a, order="C")
-    return torch.from_numpy(a)
-
-
-def _pinned_gather(source: torch.Tensor, index: torch.Tensor, device: torch.device) -> torch.Tensor:
-    if device.type != "cuda":
-        return source.index_select(0, index)
-    buffer = torch.empty((len(index), *source.shape[1:]), dtype=source.dtype, pin_memory=True)
-    torch.index_select(source, 0, index, out=buffer)
-    return buffer.to(device, non_blocking=True)
-
-
-class InputPipeline:
-    """uint8 (B, S, S, 3) batches on the device -> normalized float (B, 3, S, S) model input, with a
-    per-sample random resized crop and horizontal flip when augmenting.
-
-    Why not torchvision.transforms.v2.RandomResizedCrop: on a batched tensor it draws one crop for the
-    whole batch. Here every sample gets its own crop box and flip, drawn from a device generator
-    (seeded: reproducible, and no host-to-device copy per step), applied in one affine_grid +
-    grid_sample call (bilinear; the crop is never larger than the output, so no aliasing).
-    """
-
-    def __init__(self, norm: Normalization, device: torch.device, generator: torch.Generator | None = None):
-        mean, std = torch.tensor(norm.mean), torch.tensor(norm.std)
-        self.scale = (1 / (255 * std)).view(1, 3, 1, 1).to(device)
-        self.shift = (-mean / std).view(1, 3, 1, 1).to(device)
-        self.generator = generator
-
-    def __call__(self, images: torch.Tensor, *, augment: bool = False) -> torch.Tensor:
-        x = images.permute(0, 3, 1, 2).float()  # NHWC storage: already the channels_last layout
-        if augment:
-            x = random_resized_crop_flip(x, self.generator)
-        return torch.addcmul(self.shift, x, self.scale).contiguous(memory_format=torch.channels_last)
-
-
-def random_resized_crop_flip(x: torch.Tensor, generator: torch.Generator | None,
-                             scale: tuple[float, float] = CROP_SCALE, ratio: tuple[float, float] = CROP_RATIO) -> torch.Tensor:
-    """Per-sample RandomResizedCrop(size = input size) + RandomHorizontalFlip on a (B, C, H, W) float batch."""
-    r = torch.rand(x.shape[0], 5, generator=generator, device=x.device)
-    area = scale[0] + (scale[1] - scale[0]) * r[:, 0]
-    aspect = torch.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * r[:, 1])
-    w = torch.sqrt(area * aspect).clamp(max=1.0)  # crop width / image width
-    h = torch.sqrt(area / aspect).clamp(max=1.0)
-    flip = torch.where(r[:, 4] < 0.5, -1.0, 1.0)
-    theta = torch.zeros(x.shape[0], 2, 3, device=x.device)
-    theta[:, 0, 0] = w * flip
-    theta[:, 0, 2] = (1 - w) * (2 * r[:, 2] - 1)  # crop centre, in [-1, 1] image coordinates
-    theta[:, 1, 1] = h
-    theta[:, 1, 2] = (1 - h) * (2 * r[:, 3] - 1)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-
-
-class TrainStep:
-    """One optimization step: bf16 autocast on CUDA, optional torch.compile of the forward pass."""
-
-    def __init__(self, net: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
-                 device: torch.device, *, compile: bool = False):
-        self.net, self.loss_fn, self.optimizer = net, loss_fn, optimizer
-        self.forward = torch.compile(net) if compile and device.type == "cuda" else net
-        self.autocast = _autocast(device)
-
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean loss, outputs), both detached; nothing is read back to the host."""
-        with self.autocast:
-            out = self.forward(x)
-        loss = self.loss_fn(out.float(), y)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        return loss.detach(), out.detach().float()
-
-
-def _autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-
-
-def configure_cuda(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-
-
 # --- linear probe: the feature cache ------------------------------------------------------------------
 
 
@@ -537,10 +383,10 @@ class _Run:
             destandardize.std.copy_(torch.from_numpy(np.maximum(self.data.y_train.std(0), 1e-6)))
         if exp.compile and device.type != "cuda":
             self.log("compile: torch.compile is used on CUDA only; running eager on the CPU")
-        optimizer = _optimizer(trainable, exp, device)
+        optimizer = make_optimizer(trainable, exp, device)
         scheduler = _scheduler(optimizer, exp, self.metric)
-        loss_fn = _loss(exp.task, exp.label_smoothing, self.net.head)
-        val_loss_fn = _loss(exp.task, 0.0, self.net.head)
+        loss_fn = make_loss(exp.task, exp.label_smoothing, self.net.head)
+        val_loss_fn = make_loss(exp.task, 0.0, self.net.head)
         step = TrainStep(self.net.head if self.probe else self.net, loss_fn, optimizer, device, compile=exp.compile)
         pipeline = None if self.probe else InputPipeline(self.norm, device, torch.Generator(device=device).manual_seed(exp.seed))
         shuffle = torch.Generator().manual_seed(exp.seed)
@@ -557,16 +403,9 @@ class _Run:
             epoch += 1
             trainable.train()
             t0 = time.perf_counter()
-            loss_sum = torch.zeros((), device=device)
-            metric_sum = torch.zeros((), device=device)
-            n_seen = 0
-            for x, y in train_src.batches(torch.randperm(len(train_src), generator=shuffle), exp.batch_size, drop_last=True):
-                if pipeline is not None:
-                    x = pipeline(x, augment=exp.augment)
-                loss, out = step(x, y)
-                loss_sum += loss * len(y)
-                metric_sum += _metric_sum(out, y, exp.task)
-                n_seen += len(y)
+            loss_sum, metric_sum, n_seen = train_epoch(
+                step, train_src, pipeline, torch.randperm(len(train_src), generator=shuffle), exp.batch_size,
+                augment=exp.augment, task=exp.task)
             train_loss, train_metric = loss_sum.item() / n_seen, metric_sum.item() / n_seen  # .item(): the one sync
             seconds += time.perf_counter() - t0
             images_trained += n_seen
@@ -684,6 +523,22 @@ class _Concat:
         return out
 
 
+def train_epoch(step: TrainStep, source: DeviceBatches, pipeline: InputPipeline | None, order: torch.Tensor,
+                batch_size: int, *, augment: bool, task: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """One pass over source in `order`: (summed loss, summed metric) as device tensors, images seen."""
+    loss_sum = torch.zeros((), device=source.device)
+    metric_sum = torch.zeros((), device=source.device)
+    n_seen = 0
+    for x, y in source.batches(order, batch_size, drop_last=True):
+        if pipeline is not None:
+            x = pipeline(x, augment=augment)
+        loss, out = step(x, y)
+        loss_sum += loss * len(y)
+        metric_sum += _metric_sum(out, y, task)
+        n_seen += len(y)
+    return loss_sum, metric_sum, n_seen
+
+
 def evaluate(net: nn.Module, source: DeviceBatches, pipeline: InputPipeline | None, loss_fn: nn.Module,
              task: str, device: torch.device, batch_size: int) -> tuple[float, float]:
     """(mean loss, metric) over source: accuracy, or the MSE in the targets' units. Eager (not the
@@ -692,7 +547,7 @@ def evaluate(net: nn.Module, source: DeviceBatches, pipeline: InputPipeline | No
     net.eval()
     loss_sum = torch.zeros((), device=device)
     metric_sum = torch.zeros((), device=device)
-    with torch.inference_mode(), _autocast(device):
+    with torch.inference_mode(), autocast(device):
         for x, y in source.batches(torch.arange(len(source)), batch_size):
             out = net(pipeline(x) if pipeline is not None else x).float()
             loss_sum += loss_fn(out, y) * len(y)
@@ -714,14 +569,14 @@ def _better(a: dict, b: dict, metric: str) -> bool:
     return a["val_metric"] < b["val_metric"]
 
 
-def _loss(task: str, smoothing: float, head: nn.Sequential) -> nn.Module:
+def make_loss(task: str, smoothing: float, head: nn.Sequential) -> nn.Module:
     if task == "regression":
         return StandardizedMSE(head[-1].std)
     # CrossEntropyLoss takes class indices or class probabilities (soft labels) alike.
     return nn.CrossEntropyLoss(label_smoothing=smoothing)
 
 
-def _optimizer(module: nn.Module, exp: ExperimentSpec, device: torch.device) -> torch.optim.Optimizer:
+def make_optimizer(module: nn.Module, exp: ExperimentSpec, device: torch.device) -> torch.optim.Optimizer:
     # timm's factory: no weight decay on biases and norm weights; its "sgd" is Nesterov, momentum 0.9.
     kwargs = {"fused": True} if device.type == "cuda" and exp.optimizer in ("adamw", "sgd") else {}
     return create_optimizer_v2(module, opt=exp.optimizer, lr=exp.lr, weight_decay=exp.weight_decay, momentum=0.9, **kwargs)
@@ -791,10 +646,6 @@ def spec_dict(exp: ExperimentSpec) -> dict:
     return d
 
 
-def describe_device(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{device} ({torch.cuda.get_device_name(device)})"
-    return f"{device} ({torch.get_num_threads()} threads)"
 
 
 def _finished_result(run_dir: Path) -> TrainResult | None:
@@ -909,7 +760,7 @@ def predict(model: nn.Module, info: dict, x: np.ndarray, *, device: str | torch.
     pipeline = InputPipeline(Normalization.from_dict(info["normalization"]), device)
     source = DeviceBatches(x, None, device)
     out = []
-    with torch.inference_mode(), _autocast(device):
+    with torch.inference_mode(), autocast(device):
         for batch, _ in source.batches(torch.arange(len(source)), batch_size):
             y = model(pipeline(batch)).float()
             out.append(y.softmax(1) if info["task"] == "classification" else y)
