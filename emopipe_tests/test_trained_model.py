@@ -116,6 +116,25 @@ def test_efficientnet_lite0_package_weights_recognise_imagenet_photos(photos):
     assert top[1] == 967  # espresso
 
 
+def test_local_weights_files_load_and_misfits_are_clear_errors(tmp_path):
+    import timm
+
+    vit = timm.create_model("test_vit")  # built for 160 px: timm's loader resamples its position embedding
+    resnet = timm.create_model("resnet18")
+    torch.save(vit.state_dict(), tmp_path / "vit.pth")
+    torch.save({"state_dict": resnet.state_dict(), "epoch": 90}, tmp_path / "resnet.pth.tar")
+    small_vit, norm = create_model("test_vit", num_outputs=3, image_size=32, pretrained=str(tmp_path / "vit.pth"))
+    assert torch.equal(small_vit.blocks[0].attn.qkv.weight, vit.blocks[0].attn.qkv.weight)
+    assert small_vit.pos_embed.shape[1] < vit.pos_embed.shape[1] and norm.mean == (0.5, 0.5, 0.5)
+    small_resnet, _ = create_model("resnet18", num_outputs=0, image_size=32, pretrained=str(tmp_path / "resnet.pth.tar"))
+    assert torch.equal(small_resnet.layer1[0].conv1.weight, resnet.layer1[0].conv1.weight)
+    assert small_resnet.conv1.kernel_size == (3, 3)  # the CIFAR stem, started from the centre of the 7x7 one
+    with pytest.raises(ModelError, match="does not load into model 'resnet18'"):
+        create_model("resnet18", num_outputs=3, image_size=32, pretrained=str(tmp_path / "vit.pth"))
+    with pytest.raises(ModelError, match="does not exist"):
+        create_model("resnet18", num_outputs=3, image_size=32, pretrained=str(tmp_path / "missing.pth"))
+
+
 # --- the data path ------------------------------------------------------------------------------------
 
 
@@ -185,6 +204,16 @@ def test_same_seed_and_inputs_give_the_same_checkpoint_bytes(finetuned, tmp_path
     assert again.model_id == finetuned[0].model_id
 
 
+def test_a_trained_checkpoint_is_a_weights_file_for_another_experiment(finetuned):
+    result = finetuned[0]
+    backbone, norm = create_model("test_vit", num_outputs=0, image_size=32, pretrained=str(result.checkpoint_path))
+    model, info = load_checkpoint(result.checkpoint_path)
+    assert all(torch.equal(v, model.backbone.state_dict()[k]) for k, v in backbone.state_dict().items())
+    assert norm.as_dict() == info["normalization"]
+    with pytest.raises(ModelError, match="does not fit 'resnet18'"):
+        create_model("resnet18", num_outputs=0, image_size=32, pretrained=str(result.checkpoint_path))
+
+
 class Killed(Exception):
     pass
 
@@ -242,6 +271,39 @@ def test_linear_probe_trains_a_head_on_cached_features(tmp_path, monkeypatch, ph
                          feature_cache=tmp_path / "features")
     assert any("72 of 72 cached" in line and "computing 0" in line for line in logs)
     assert second.best_val >= 0.9 and second.model_id != first.model_id
+
+
+@pytest.fixture(scope="module")
+def feature_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("features")
+
+
+@pytest.mark.parametrize("optimizer, lr, schedule", [("sgd", 0.05, "plateau"), ("adagrad", 0.01, "none")])
+def test_sgd_and_adagrad_with_plateau_and_constant_schedules(optimizer, lr, schedule, photos, feature_cache, tmp_path):
+    exp = experiment(model="tf_efficientnet_lite0", pretrained="efficientnet_lite0", mode="linear_probe", epochs=4,
+                     head_hidden=32, optimizer=optimizer, lr=lr, schedule=schedule, weight_decay=0.01, label_smoothing=0.1)
+    result = train_model(exp, photo_data(photos), split_id="s1", work_dir=tmp_path, log=lambda _: None,
+                         device="cpu", feature_cache=feature_cache)
+    assert result.best_val >= 0.9, result.history
+    state = torch.load(result.run_dir / "last.pt", weights_only=True)
+    groups = state["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.0, 0.01]  # none on biases (timm's grouping)
+    if optimizer == "sgd":
+        assert all(g["momentum"] == 0.9 and g["nesterov"] for g in groups)
+        assert state["scheduler"]["mode"] == "max"  # ReduceLROnPlateau on val accuracy
+    else:
+        assert "lr_decay" in groups[0] and state["scheduler"] is None
+        assert {h["lr"] for h in result.history} == {lr}
+
+
+def test_early_stopping_after_patience_epochs_without_improvement(photos, feature_cache, tmp_path):
+    logs = []
+    exp = experiment(model="tf_efficientnet_lite0", pretrained="efficientnet_lite0", mode="linear_probe", epochs=10,
+                     lr=0.0, patience=2, head_hidden=32)  # lr 0: nothing improves after epoch 1
+    result = train_model(exp, photo_data(photos), split_id="s1", work_dir=tmp_path, log=logs.append,
+                         device="cpu", feature_cache=feature_cache)
+    assert result.epochs_run == 3 and result.best_epoch == 1
+    assert any("early stop" in line for line in logs)
 
 
 def test_regression_learns_a_continuous_target(tmp_path):

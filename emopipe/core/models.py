@@ -22,7 +22,7 @@ from urllib.parse import urlparse
 import timm
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import ResNet, get_pretrained_cfg, split_model_name_tag
+from timm.models import ResNet, get_pretrained_cfg, load_state_dict, split_model_name_tag
 from torch import nn
 
 from emopipe.errors import UserError
@@ -64,20 +64,18 @@ def create_model(name: str, *, num_outputs: int, image_size: int, pretrained: st
     if _fixed_input_size(name):
         kwargs["img_size"] = image_size
     small = image_size <= SMALL_IMAGE_MAX
+    if pretrained not in ("none", "timm", "efficientnet_lite0"):
+        return _from_weights_file(name, kwargs, Path(pretrained).expanduser(), small)
     if pretrained == "timm":
         model = _timm_pretrained(name, kwargs)
         norm = Normalization(tuple(model.pretrained_cfg["mean"]), tuple(model.pretrained_cfg["std"]))
     else:
         model = timm.create_model(name, pretrained=False, **kwargs)
-        if pretrained == "none":
-            norm = IMAGENET
-        elif pretrained == "efficientnet_lite0":
+        norm = IMAGENET
+        if pretrained == "efficientnet_lite0":
             _load_efficientnet_lite0(model, name)
             norm = HALF
-        else:
-            norm, adapted = _load_weights_file(model, Path(pretrained).expanduser(), small)
-            small = small and not adapted
-    if small:
+    if small:  # after loading: a ResNet's 3x3 stem starts from its pretrained 7x7 one
         adapt_to_small_images(model)
     return model, norm
 
@@ -244,60 +242,52 @@ def _load_efficientnet_lite0(model: nn.Module, name: str) -> None:
 # --- a local weights file -------------------------------------------------------------------------
 
 
-def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """(state dict, info) from a .safetensors file, a plain state dict, or a checkpoint holding one
-    under "state_dict" / "model" (emopipe's own put its normalization etc. under "info")."""
+def _from_weights_file(name: str, kwargs: dict, path: Path, small: bool) -> tuple[nn.Module, Normalization]:
+    """A checkpoint of emopipe's own (its backbone, already in this image size's variant), or any
+    file timm can load (a state dict, a checkpoint holding one, .safetensors): timm's loader applies the
+    architecture's own conversions (ViT position embeddings resampled, a classifier of another size
+    dropped)."""
     if not path.is_file():
-        raise ModelError(f"pretrained weights file {path} does not exist")
+        raise ModelError(f"pretrained weights file {path} does not exist (experiment key 'pretrained')")
+    own = _emopipe_checkpoint(path)
+    if own is not None:
+        state, info = own
+        model = timm.create_model(name, pretrained=False, **kwargs)
+        if small:
+            adapt_to_small_images(model)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            raise ModelError(f"{path} holds a trained {info.get('architecture')!r} at {info.get('image_size')} px; "
+                             f"it does not fit {name!r} at this image size: {str(e).splitlines()[0][:300]}") from None
+        return model, Normalization.from_dict(info["normalization"])
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path)), {}
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ModelError(f"cannot read weights file {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
-    info = obj.get("info", {}) if isinstance(obj, dict) else {}
-    info = json.loads(info) if isinstance(info, str) else info
-    for key in ("state_dict", "model"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ModelError(f"weights file {path} holds no state dict (tensors by name)")
-    if info:  # an emopipe checkpoint: backbone.* is the timm model, head.* this project's task head
-        obj = {k.removeprefix("backbone."): v for k, v in obj.items() if k.startswith("backbone.")}
-    state = {}
-    for key, value in obj.items():
-        for prefix in ("module.", "_orig_mod."):
-            key = key.removeprefix(prefix)
-        state[key] = value
-    return state, info
-
-
-def _load_weights_file(model: nn.Module, path: Path, small: bool) -> tuple[Normalization, bool]:
-    """Load a local file into model; returns (normalization, whether the small-image stem was applied
-    to make it fit: a file saved from a small-image model of emopipe's)."""
-    state, info = read_state_dict(path)
-    norm = Normalization.from_dict(info["normalization"]) if "normalization" in info else \
-        Normalization(tuple(model.pretrained_cfg["mean"]), tuple(model.pretrained_cfg["std"]))
-    problems = _mismatches(model, state)
-    adapted = False
-    if problems and small:
+        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs)
+        file_keys = set(load_state_dict(str(path)))
+    except Exception as e:  # torch.load, safetensors and load_state_dict raise many types
+        raise ModelError(f"weights file {path} does not load into model {name!r}: {type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:300]}") from None
+    # When it drops a classifier, timm loads non-strictly (a mismatch is only a log warning): check.
+    heads = _head_keys(model)
+    missing = [k for k in model.state_dict() if k not in file_keys and not _is_head(k, heads)]
+    if missing:
+        raise ModelError(f"weights file {path} does not load into model {name!r}: it lacks {len(missing)} of the "
+                         f"model's tensors, e.g. {', '.join(missing[:4])} (weights of another architecture?)")
+    if small:
         adapt_to_small_images(model)
-        problems, adapted = _mismatches(model, state), True
-    if problems:
-        raise ModelError(f"weights file {path} does not fit model {model.pretrained_cfg['architecture']!r}: "
-                         f"{'; '.join(problems[:5])}")
-    # The head loads only where it fits; otherwise it stays freshly initialized for this task's outputs.
-    own = model.state_dict()
-    model.load_state_dict({k: v for k, v in state.items() if k in own and v.shape == own[k].shape}, strict=False)
-    return norm, adapted
+    return model, Normalization(tuple(model.pretrained_cfg["mean"]), tuple(model.pretrained_cfg["std"]))
 
 
-def _mismatches(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
-    own, heads = model.state_dict(), _head_keys(model)
-    missing = [f"missing {k}" for k in own if k not in state and not _is_head(k, heads)]
-    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in state and state[k].shape != own[k].shape and not _is_head(k, heads)]
-    extra = [f"unexpected {k}" for k in state if k not in own and not _is_head(k, heads)]
-    return missing + shapes + extra
+def _emopipe_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict] | None:
+    """(backbone state dict, info) of a trained-model checkpoint written by emopipe, else None."""
+    if path.suffix == ".safetensors":
+        return None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # not a torch file at all: timm's loader will say what it is not
+        return None
+    info = obj.get("info") if isinstance(obj, dict) else None
+    if not isinstance(info, str):
+        return None
+    state = {k.removeprefix("backbone."): v for k, v in obj["state_dict"].items() if k.startswith("backbone.")}
+    return state, json.loads(info)
