@@ -494,7 +494,8 @@ class _Run:
         model_id = sha256_file(tmp)
         path = self.work_dir / f"{model_id}.pt"
         os.replace(tmp, path)
-        curve = learning_curve_png(history, self.metric, self.work_dir / f"{model_id}.png", title=f"{exp.name}: {exp.model}")
+        curve = learning_curve_png(history, self.metric, self.work_dir / f"{model_id}.png", best_epoch=best_epoch,
+                                   title=f"{exp.name}: {exp.model} ({exp.mode})")
         best = history[best_epoch - 1]
         result = TrainResult(
             checkpoint_path=path, model_id=model_id, history=history, best_epoch=best_epoch,
@@ -675,7 +676,8 @@ def _atomic_save(path: Path, obj) -> None:
 # --- the learning curve --------------------------------------------------------------------------
 
 
-def learning_curve_png(history: list[dict], metric: str, path: Path, *, title: str = "") -> Path:
+def learning_curve_png(history: list[dict], metric: str, path: Path, *, best_epoch: int | None = None,
+                       title: str = "") -> Path:
     """Loss and metric per epoch (train and val), best epoch marked; written atomically."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure  # no pyplot: no global backend state in a library
@@ -688,6 +690,8 @@ def learning_curve_png(history: list[dict], metric: str, path: Path, *, title: s
         ax.plot(epochs, [h[f"val_{key}"] for h in history], "o-", label="val")
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
+        if best_epoch:
+            ax.axvline(best_epoch, color="grey", linestyle="--", linewidth=1, label=f"best (epoch {best_epoch})")
         ax.grid(alpha=0.3)
         ax.legend()
     if title:
