@@ -316,7 +316,7 @@ def test_regression_learns_a_continuous_target(tmp_path):
 
     data = TrainingData(None, ["brightness", "redness"], [f"t{i}" for i in range(60)], [f"v{i}" for i in range(30)],
                         x_train, x_val, targets(x_train), targets(x_val))
-    exp = experiment(task="regression", targets=("brightness", "redness"), epochs=4)
+    exp = experiment(task="regression", targets=("brightness", "redness"))
     result = train_model(exp, data, split_id="s1", work_dir=tmp_path / "models", log=lambda _: None, device="cpu")
     assert result.metric == "mse"
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
