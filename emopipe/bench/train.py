@@ -106,7 +106,7 @@ def main(argv: list[str]) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", action="append", metavar="MODEL:SIZE:BATCH",
                         help=f"repeatable (default on CUDA: {' '.join(CUDA_CONFIGS)}; on CPU: {' '.join(CPU_CONFIGS)})")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per measurement (default: CUDA 40, CPU 3)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per measurement (default: CUDA 40, CPU 2)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: CUDA 10, CPU 1)")
     parser.add_argument("--repeats", type=int, default=2, help="alternating measurements, best kept (default 2)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA only)")
@@ -119,7 +119,7 @@ def main(argv: list[str]) -> int:
     cuda = device.type == "cuda"
     configure_cuda(device)
     configs = args.config or list(CUDA_CONFIGS if cuda else CPU_CONFIGS)
-    steps = args.steps or (40 if cuda else 3)
+    steps = args.steps or (40 if cuda else 2)
     warmup = args.warmup if args.warmup is not None else (10 if cuda else 1)
     print(f"{describe_device(device)}; torch {torch.__version__}, timm {timm.__version__}; "
           f"{len(os.sched_getaffinity(0))} CPU(s), load average {os.getloadavg()[0]:.1f}; {steps} steps x {args.repeats}")
