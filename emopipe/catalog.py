@@ -296,6 +296,8 @@ def _experiment(name: str, entry: dict, file: Path, datasets: dict[str, DatasetS
             e.fail(f"entry {i}: expected a dataset name or {{dataset: NAME, class_map: {{...}}}}", "eval_datasets")
         sub = _Entry(file, f"experiments.{name}.eval_datasets[{i}]", item, {"dataset", "class_map"})
         evals.append(EvalDataset(sub.get("dataset", str, choices=sorted(datasets), required=True), sub.str_map("class_map")))
+        if evals[-1].dataset == dataset:
+            sub.fail("is the experiment's own dataset; its test part is evaluated already", "dataset")
     split = e.get("split", str, "70/15/15")
     if split != "official":
         parts = split.split("/")

@@ -70,7 +70,7 @@ def run_experiment(name: str) -> int:
     print(f"\nemopipe: experiment {name!r} materialized (run {result.run_id}).\n")
     headline = None
     for event in result.get_asset_materialization_events():
-        mat = event.asset_materialization
+        mat = event.event_specific_data.materialization
         shown = {k: v.value for k, v in mat.metadata.items() if k in SUMMARY_KEYS}
         print(f"  {mat.asset_key.to_user_string():16} " + ", ".join(f"{k}={_short(v)}" for k, v in shown.items()))
         if "headline" in mat.metadata:

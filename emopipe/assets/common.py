@@ -1,6 +1,7 @@
 """What every asset module shares: the catalog, the experiment partitions, and metadata helpers."""
 
 import base64
+import warnings
 from contextlib import contextmanager
 
 import dagster as dg
@@ -10,6 +11,9 @@ from emopipe.catalog import ExperimentSpec, load_catalog
 from emopipe.core.raw_images import dataset_fingerprint
 from emopipe.db import Database
 from emopipe.errors import UserError
+
+# Data versions on Output are how every asset records its fingerprint; they are beta in Dagster 1.13.
+warnings.filterwarnings("ignore", category=dg.BetaWarning)
 
 CATALOG = load_catalog()
 
