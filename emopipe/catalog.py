@@ -68,6 +68,16 @@ class EvalDataset:
 
 
 @dataclass(frozen=True)
+class TuneSpec:
+    """Population-based training (Ray Tune) of lr, weight_decay and batch_size before trained_model."""
+
+    population: int = 4  # trials trained side by side
+    perturbation_interval: int = 2  # epochs between exploit/explore steps
+    epochs: int = 8  # epochs per trial
+    quantile_fraction: float = 0.25  # bottom fraction copies the top fraction
+
+
+@dataclass(frozen=True)
 class Reference:
     metric: str
     value: float
@@ -101,6 +111,10 @@ class ExperimentSpec:
     head_hidden: int = 256  # linear_probe: width of the MLP head
     compile: bool = False  # torch.compile on CUDA
     augment: bool = True  # random resized crop + horizontal flip on the device
+    gpus: int = 1  # >1: DistributedDataParallel over that many processes per node (torchrun)
+    nodes: int = 1  # >1: torchrun across machines (see README, "Scale-out")
+    tune: TuneSpec | None = None  # population-based training before trained_model; None = off
+    explain_per_class: int = 1  # Integrated-Gradients heatmaps per class in `explanations`; 0 = off
     reference: Reference | None = None
     retrain: str | None = None  # cron string for scheduled retraining; None = off
     description: str = ""
@@ -313,6 +327,20 @@ def _experiment(name: str, entry: dict, file: Path, datasets: dict[str, DatasetS
         if not isinstance(ref, dict):
             sub.fail("expected {metric: NAME, value: NUMBER, source: TEXT}")
         reference = Reference(sub.get("metric", str, required=True), sub.get("value", float, required=True), sub.get("source", str, ""))
+    tune = None
+    if entry.get("tune") is not None:
+        raw = entry["tune"] if isinstance(entry["tune"], dict) else {}
+        sub = _Entry(file, f"experiments.{name}.tune", raw, {f.name for f in fields(TuneSpec)})
+        if not isinstance(entry["tune"], dict):
+            sub.fail("expected a mapping", allowed=sorted(f.name for f in fields(TuneSpec)))
+        tune = TuneSpec(
+            population=sub.get("population", int, TuneSpec.population),
+            perturbation_interval=sub.get("perturbation_interval", int, TuneSpec.perturbation_interval),
+            epochs=sub.get("epochs", int, TuneSpec.epochs),
+            quantile_fraction=sub.get("quantile_fraction", float, TuneSpec.quantile_fraction),
+        )
+        if tune.population < 2 or tune.perturbation_interval < 1 or tune.epochs < 1:
+            sub.fail("population must be at least 2, perturbation_interval and epochs at least 1")
     spec = ExperimentSpec(
         name=name,
         dataset=dataset,
@@ -339,6 +367,10 @@ def _experiment(name: str, entry: dict, file: Path, datasets: dict[str, DatasetS
         head_hidden=e.get("head_hidden", int, 256),
         compile=e.get("compile", bool, False),
         augment=e.get("augment", bool, True),
+        gpus=e.get("gpus", int, 1),
+        nodes=e.get("nodes", int, 1),
+        tune=tune,
+        explain_per_class=e.get("explain_per_class", int, 1),
         reference=reference,
         retrain=e.get("retrain", str),
         description=e.get("description", str, ""),
@@ -346,6 +378,8 @@ def _experiment(name: str, entry: dict, file: Path, datasets: dict[str, DatasetS
     )
     if not 8 <= spec.image_size <= 1024:
         e.fail(f"{spec.image_size} is out of range", "image_size", ["8..1024 (32 and 224 are built in)"])
+    if spec.gpus < 1 or spec.nodes < 1:
+        e.fail("gpus and nodes must be at least 1", "gpus")
     if spec.epochs < 1 or spec.batch_size < 1:
         e.fail("epochs and batch_size must be at least 1", "epochs")
     if spec.task == "regression" and not spec.targets:
