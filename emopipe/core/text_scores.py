@@ -26,8 +26,9 @@ import os
 import time
 import warnings
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -209,10 +210,17 @@ def _worker_ocr(task: tuple[str, str, int]) -> OcrOutput:
 
 def _ocr_in_workers(ids: list[str], objects_root: Path, ocr_size: int, workers: int, work_dir: Path) -> Iterator[OcrOutput]:
     threads = max(1, available_cores() // workers)
-    # spawn: a forked child would inherit torch's thread pools and any open DuckDB handle.
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(threads, str(work_dir))) as pool:
-        yield from pool.imap_unordered(_worker_ocr, [(i, str(objects_root), ocr_size) for i in ids])
+    # spawn: a forked child would inherit torch's thread pools and any open DuckDB handle. A process
+    # pool executor, not multiprocessing.Pool: a worker killed for memory fails the run instead of hanging it.
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
+                             initargs=(threads, str(work_dir))) as pool:
+        tasks = iter(ids)
+        running = {pool.submit(_worker_ocr, (i, str(objects_root), ocr_size)) for i in islice(tasks, 4 * workers)}
+        while running:
+            done, running = wait(running, return_when=FIRST_COMPLETED)
+            running |= {pool.submit(_worker_ocr, (i, str(objects_root), ocr_size)) for i in islice(tasks, len(done))}
+            for future in done:
+                yield future.result()
 
 
 def available_cores() -> int:
