@@ -6,7 +6,7 @@ from dagster_duckdb import DuckDBResource
 from emopipe.catalog import CatalogError
 
 try:
-    from emopipe.assets.common import experiment_partitions
+    from emopipe.assets.common import CATALOG, experiment_partitions
 except CatalogError as e:
     # Re-raised here with a fresh traceback: the user sees the message and this line, not our internals.
     raise CatalogError(str(e)) from None
@@ -18,6 +18,7 @@ from emopipe.assets.raw_images import raw_images
 from emopipe.assets.splits import split_is_sound, splits
 from emopipe.assets.text_scores import text_detection_quality, text_scores
 from emopipe.assets.trained_model import trained_model
+from emopipe.automation import build_data_sensor, build_schedules
 from emopipe.db import CONNECTION_CONFIG
 from emopipe.paths import data_dir, db_path
 
@@ -33,6 +34,8 @@ defs = dg.Definitions(
     assets=ASSETS,
     asset_checks=CHECKS,
     jobs=[main_job],
+    schedules=build_schedules(CATALOG),
+    sensors=[build_data_sensor(CATALOG)],
     resources={
         "duckdb": DuckDBResource(database=str(db_path()), connection_config=CONNECTION_CONFIG),
         # Asset outputs are small handles (ids and fingerprints); the data itself lives in DuckDB and data/.
