@@ -25,6 +25,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import ResNet, get_pretrained_cfg, load_state_dict, split_model_name_tag
 from torch import nn
 
+from emopipe.core import fractalnet  # noqa: F401  (registers fractalnet_* in timm)
 from emopipe.errors import UserError
 
 SMALL_IMAGE_MAX = 64
