@@ -18,7 +18,7 @@ from emopipe.errors import UserError
 
 BUILTIN_CATALOG = Path(__file__).with_name("catalog.yaml")
 
-SOURCES = ("synthetic", "folder", "archive", "url_list")
+SOURCES = ("synthetic", "folder", "archive", "url_list", "emoset", "parquet", "emotic", "webemo")
 SPLIT_SCHEMES = ("70/15/15", "80/10/10", "official", "a/b/c summing to 100")
 MODES = ("finetune", "linear_probe")
 TASKS = ("classification", "regression")
@@ -44,11 +44,22 @@ class TextThresholds:
 
 
 @dataclass(frozen=True)
+class DataFile:
+    location: str  # a local path (relative: to the catalog file's folder) or an http(s) URL
+    sha256: str | None = None  # checks the file when given
+
+
+@dataclass(frozen=True)
 class DatasetSpec:
     name: str
     source: str
-    path: str | None = None  # folder: root folder (class-per-subfolder or manifest-relative paths)
-    labels: str | None = None  # folder/archive: CSV manifest path,label[,attrs]; url_list: CSV url,label[,attrs]
+    path: str | None = None  # folder: root folder (class-per-subfolder or manifest-relative paths);
+    # emoset: EmoSet-118K's data_root; emotic: the image root; webemo: the folder of train25.txt/test25.txt
+    labels: str | None = None  # folder/archive: CSV manifest path,label[,attrs]; url_list: CSV url,label[,attrs];
+    # emotic: Annotations.mat, a converted CSV or a folder of them (relative to path)
+    files: tuple[DataFile, ...] = ()  # parquet: the Parquet files
+    image_column: str = "image"  # parquet: the image bytes (Hugging Face Image struct or binary)
+    label_column: str = "label"  # parquet: the label (int with class names, or string)
     url: str | None = None  # archive: http(s) URL; url_list: URL of the CSV (or use `labels`)
     sha256: str | None = None  # archive: required checksum of the archive
     classes: tuple[str, ...] | None = None  # fixes class order; labels outside it are rejected
@@ -259,6 +270,29 @@ class _Entry:
 
 
 DATASET_KEYS = {f.name for f in fields(DatasetSpec)} - {"name", "origin"}
+SHA256 = re.compile(r"[0-9a-fA-F]{64}")
+
+
+def _data_files(e: _Entry) -> tuple[DataFile, ...]:
+    value = e.entry.get("files") or []
+    if not isinstance(value, list):
+        value = [value]
+    out = []
+    for i, item in enumerate(value):
+        if isinstance(item, str):
+            item = {"url" if re.match(r"https?://", item) else "path": item}
+        if not isinstance(item, dict):
+            e.fail(f"entry {i}: expected a path, a URL or {{url|path: ..., sha256: ...}}", "files")
+        sub = _Entry(e.file, f"{e.key}.files[{i}]", item, {"url", "path", "sha256"})
+        url, path, sha256 = sub.get("url", str), sub.get("path", str), sub.get("sha256", str)
+        if bool(url) == bool(path):
+            sub.fail("give exactly one of 'url' (http(s)) or 'path'")
+        if url and not re.match(r"https?://", url):
+            sub.fail(f"{url!r} is not an http(s) URL", "url")
+        if sha256 is not None and not SHA256.fullmatch(sha256):
+            sub.fail("expected the file's 64-hex-digit checksum", "sha256")
+        out.append(DataFile(url or path, sha256))
+    return tuple(out)
 
 
 def _dataset(name: str, entry: dict, file: Path) -> DatasetSpec:
@@ -269,6 +303,9 @@ def _dataset(name: str, entry: dict, file: Path) -> DatasetSpec:
         source=source,
         path=e.get("path", str),
         labels=e.get("labels", str),
+        files=_data_files(e),
+        image_column=e.get("image_column", str, "image"),
+        label_column=e.get("label_column", str, "label"),
         url=e.get("url", str),
         sha256=e.get("sha256", str),
         classes=e.str_list("classes") or None,
@@ -282,10 +319,20 @@ def _dataset(name: str, entry: dict, file: Path) -> DatasetSpec:
     )
     if source == "folder" and not spec.path:
         e.fail("a folder dataset needs 'path' (class-per-subfolder root, or the root its manifest paths are relative to)", "path")
+    # Paths are checked when the dataset is read, so the built-in study entries load on any machine.
+    needs_path = {"emoset": "EmoSet-118K's folder (info.json, train.json, image/, annotation/)",
+                  "emotic": "EMOTIC's image root (ade20k/, emodb_small/, framesdb/, mscoco/)",
+                  "webemo": "the folder holding WEBEmo's train25.txt and test25.txt"}
+    if source in needs_path and not spec.path:
+        e.fail(f"source {source} needs 'path': {needs_path[source]}", "path")
+    if source == "emotic" and not spec.labels:
+        e.fail("an emotic dataset needs 'labels': Annotations.mat, a converted CSV, or a folder of train/val/test CSVs", "labels")
+    if source == "parquet" and not spec.files:
+        e.fail("a parquet dataset needs 'files': Parquet paths or http(s) URLs (optionally {url: ..., sha256: ...})", "files")
     if source == "archive":
         if not spec.url or not re.match(r"https?://", spec.url):
             e.fail("an archive dataset needs an http(s) 'url' of a .zip, .tar or .tar.gz", "url")
-        if not spec.sha256 or not re.fullmatch(r"[0-9a-fA-F]{64}", spec.sha256):
+        if not spec.sha256 or not SHA256.fullmatch(spec.sha256):
             e.fail("an archive dataset needs 'sha256': the archive's 64-hex-digit checksum", "sha256")
     if source == "url_list":
         where = spec.labels or spec.url

@@ -7,6 +7,8 @@ Source kinds (DatasetSpec.source):
 - archive: a zip/tar at `url`, verified by `sha256`, extracted once under the work dir, then read
   as a folder (`path`: a subfolder inside it; `labels`: a manifest inside it).
 - url_list: a CSV url,label[,attributes], local (`labels`) or at `url`.
+- emoset, parquet, emotic, webemo: the released layouts of the studies' datasets
+  (core/dataset_formats.py); parquet items are rows, URIs parquet:<file>#<row group>:<row>.
 
 Relative `path` and `labels` (url_list) are read from the folder of the catalog file that
 declared the dataset; a folder dataset's manifest is relative to its `path`.
@@ -82,7 +84,18 @@ def list_items(spec: DatasetSpec, work_dir: Path) -> list[SourceItem]:
         return _folder_items(root, spec.labels, f"{where}.path (inside {spec.url})")
     if spec.source == "url_list":
         return _url_list_items(spec, where)
-    raise SourceError(f"{where}.source: unknown source {spec.source!r}; allowed: synthetic, folder, archive, url_list")
+    if spec.source in ("emoset", "parquet", "emotic", "webemo"):
+        from emopipe.core import dataset_formats as formats
+
+        if spec.source == "emoset":
+            return formats.emoset_items(_catalog_path(spec.path, spec), f"{where}.path")
+        if spec.source == "parquet":
+            return formats.parquet_items(spec, Path(work_dir), where, lambda value: _catalog_path(value, spec))
+        if spec.source == "emotic":
+            root = _catalog_path(spec.path, spec)
+            return formats.emotic_items(root, root / Path(spec.labels).expanduser(), where)
+        return formats.webemo_items(_catalog_path(spec.path, spec), where)
+    raise SourceError(f"{where}.source: unknown source {spec.source!r}; allowed: synthetic, folder, archive, url_list, emoset, parquet, emotic, webemo")
 
 
 def _catalog_path(value: str, spec: DatasetSpec) -> Path:
@@ -332,6 +345,10 @@ def _fetch_one(item: SourceItem, timeout: float, retries: int, max_bytes: int) -
         from emopipe.core import synthetic
 
         return Fetched(item, synthetic.render(uri), None, None)
+    if scheme == "parquet":
+        from emopipe.core import dataset_formats
+
+        return dataset_formats.fetch_parquet(item)
     if scheme or not os.path.isabs(uri):
         return Fetched(item, None, "bad_url", f"{uri}: neither an absolute path nor an http(s) URL")
     try:
