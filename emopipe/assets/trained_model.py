@@ -4,6 +4,7 @@ import dagster as dg
 from dagster_duckdb import DuckDBResource
 
 from emopipe.assets.common import CATALOG, database, experiment, experiment_partitions, markdown_table, png_markdown, user_errors
+from emopipe.core.distributed import train_distributed, world_size
 from emopipe.core.trained_model import load_training_data, record_model, train_model
 from emopipe.paths import data_dir
 
@@ -32,7 +33,8 @@ def trained_model(context: dg.AssetExecutionContext, duckdb: DuckDBResource, spl
     classes = CATALOG.dataset(exp.dataset).classes
     with user_errors():
         data = load_training_data(db, splits["split_id"], exp, classes=list(classes) if classes else None)
-        result = train_model(exp, data, split_id=splits["split_id"], work_dir=data_dir() / "models", log=context.log.info)
+        train = train_distributed if world_size(exp) > 1 else train_model  # gpus x nodes > 1: torchrun subprocess
+        result = train(exp, data, split_id=splits["split_id"], work_dir=data_dir() / "models", log=context.log.info)
     record_model(db, result, exp, splits["split_id"], split_fingerprint=splits["split_id"])
     history = [[h["epoch"], _fmt(h.get("train_loss")), _fmt(h.get("train_metric")), _fmt(h.get("val_loss")), _fmt(h.get("val_metric"))]
                for h in result.history]

@@ -4,6 +4,9 @@ channels_last, optional torch.compile on CUDA).
 
 Arrays go to the GPU once when they fit (else each batch is gathered into pinned host memory and
 copied with non_blocking=True), so no JPEG is decoded and no CPU worker touches a pixel per step.
+
+Ranks: this process's place among DistributedDataParallel training processes (one process: every
+collective is a no-op, so the training loop reads the same either way).
 """
 
 from __future__ import annotations
@@ -14,8 +17,10 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from emopipe.core.models import Normalization
 
@@ -176,3 +181,54 @@ def describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
     return f"{device} ({torch.get_num_threads()} threads)"
+
+
+class Ranks:
+    """This process's rank among `world_size` training processes (torch.distributed, set up by the
+    caller), and the few collectives training needs. The default, one process, does no communication."""
+
+    def __init__(self, rank: int = 0, world_size: int = 1, local_rank: int = 0):
+        self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: validates, logs and writes the checkpoints."""
+        return self.rank == 0
+
+    def shard(self, order: torch.Tensor) -> torch.Tensor:
+        """This rank's share of an epoch's order (the same permutation on every rank): every
+        world_size-th index, the order cut to a multiple of world_size so that all ranks run the
+        same number of steps (a rank with one step more would wait forever for its all-reduce)."""
+        if self.world_size == 1:
+            return order
+        return order[self.rank:len(order) - len(order) % self.world_size:self.world_size]
+
+    def wrap(self, module: nn.Module, device: torch.device) -> nn.Module:
+        """The module to train: DistributedDataParallel (gradients all-reduced) when several ranks."""
+        if self.world_size == 1:
+            return module
+        return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        """values summed over the ranks (a device tensor: nccl takes CUDA tensors only)."""
+        if self.world_size > 1:
+            dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        return values
+
+    def from_main(self, values: torch.Tensor) -> torch.Tensor:
+        """Rank 0's values on every rank."""
+        if self.world_size > 1:
+            dist.broadcast(values, src=0)
+        return values
+
+    def gather(self, obj) -> list:
+        """[obj of rank 0, obj of rank 1, ...] on every rank (picklable objects)."""
+        if self.world_size == 1:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()

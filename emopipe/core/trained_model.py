@@ -10,6 +10,12 @@ Modes: "finetune" trains the whole network; "linear_probe" (the FI study's "feat
 multi-class classification") freezes the pretrained backbone, computes its pooled features once per
 (architecture, weights, image size, image) into a cache under <data_dir>/features/, and trains a small
 MLP head on them (no augmentation: the features are of the stored images).
+
+Several processes (DistributedDataParallel, launched by distributed.py through torchrun): the same
+loop, with each rank training on its shard of every epoch's permutation and the gradients all-reduced;
+rank 0 validates (its numbers are broadcast, so every rank takes the same scheduler and early-stopping
+decisions), writes last.pt and the final checkpoint. In linear_probe mode rank 0 fills the feature
+cache and the other ranks read it; the head is trained with DDP.
 """
 
 from __future__ import annotations
@@ -30,10 +36,11 @@ import timm
 import torch
 from timm.optim import create_optimizer_v2
 from torch import nn
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 import emopipe
 from emopipe.catalog import ExperimentSpec
-from emopipe.core.device_data import (DeviceBatches, InputPipeline, TrainStep, autocast, configure_cuda,
+from emopipe.core.device_data import (DeviceBatches, InputPipeline, Ranks, TrainStep, autocast, configure_cuda,
                                       describe_device, pick_device)
 from emopipe.core.models import Normalization, create_model, weights_fingerprint
 from emopipe.db import Database
@@ -318,47 +325,71 @@ class TrainResult:
         return cls(**d)
 
 
-def training_hyperparameters(experiment: ExperimentSpec) -> dict:
+def training_hyperparameters(experiment: ExperimentSpec, world_size: int = 1) -> dict:
+    """The experiment's training keys; world_size (training processes, each taking batch_size
+    images per step) only when > 1, so single-process runs keep their run folders and checkpoints."""
     hp = {k: list(v) if isinstance(v, tuple) else v for k, v in ((k, getattr(experiment, k)) for k in TRAINING_KEYS)}
     if experiment.pretrained not in ("none", "timm", "efficientnet_lite0"):
         hp["pretrained_sha256"] = sha256_file(Path(experiment.pretrained).expanduser())
+    if world_size > 1:
+        hp["world_size"] = world_size
     return hp
+
+
+def run_directory(experiment: ExperimentSpec, data: TrainingData, split_id: str, work_dir: Path,
+                  world_size: int = 1) -> tuple[Path, dict]:
+    """(the run folder work_dir/runs/<hash of experiment, split, data, hyperparameters>, the hyperparameters)."""
+    hyperparameters = training_hyperparameters(experiment, world_size)
+    run_key = params_hash({"experiment": experiment.name, "split_id": split_id, "data": data.fingerprint(), **hyperparameters})
+    return Path(work_dir) / "runs" / run_key, hyperparameters
+
+
+def finished_result(run_dir: Path) -> TrainResult | None:
+    """The TrainResult of a run folder whose training finished (result.json and its checkpoint exist)."""
+    path = run_dir / "result.json"
+    if not path.is_file():
+        return None
+    result = TrainResult.from_json(path.read_text())
+    return result if result.checkpoint_path.is_file() else None
 
 
 def train_model(experiment: ExperimentSpec, data: TrainingData, *, split_id: str, work_dir: Path,
                 log: Log = print, on_epoch_end: Callable[[int, list[dict]], None] | None = None,
-                device: str | torch.device | None = None, feature_cache: Path | None = None) -> TrainResult:
+                device: str | torch.device | None = None, feature_cache: Path | None = None,
+                ranks: Ranks | None = None) -> TrainResult:
     """Train (or resume, or return the finished run for the same inputs) and save the best epoch's
     network as work_dir/<sha256>.pt, its learning curve beside it as <sha256>.png.
 
     The run folder work_dir/runs/<hash of experiment, split, data, hyperparameters> holds last.pt,
     written atomically after every epoch; a killed run called again continues after its last epoch.
+    ranks: this process's place among DDP processes (torch.distributed initialized by the caller;
+    distributed.py); None: one process. Every rank returns the same TrainResult.
     """
     _check_data(experiment, data)
-    hyperparameters = training_hyperparameters(experiment)
-    run_key = params_hash({"experiment": experiment.name, "split_id": split_id, "data": data.fingerprint(), **hyperparameters})
+    ranks = ranks or Ranks()
     work_dir = Path(work_dir)
-    run_dir = work_dir / "runs" / run_key
-    finished = _finished_result(run_dir)
+    run_dir, hyperparameters = run_directory(experiment, data, split_id, work_dir, ranks.world_size)
+    finished = finished_result(run_dir)
     if finished is not None:
-        log(f"{experiment.name}: already trained (run {run_key}): model {finished.model_id}")
+        log(f"{experiment.name}: already trained (run {run_dir.name}): model {finished.model_id}")
         return finished
     run_dir.mkdir(parents=True, exist_ok=True)
     device = pick_device(device, log)
     configure_cuda(device)
     with _deterministic(device):
         return _Run(experiment, data, split_id, run_dir, work_dir, hyperparameters, device, log,
-                    on_epoch_end, Path(feature_cache) if feature_cache else data_dir() / "features").train()
+                    on_epoch_end, Path(feature_cache) if feature_cache else data_dir() / "features", ranks).train()
 
 
 class _Run:
     """One training run's state; train() drives it epoch by epoch."""
 
     def __init__(self, experiment, data, split_id, run_dir, work_dir, hyperparameters, device, log,
-                 on_epoch_end, feature_cache):
+                 on_epoch_end, feature_cache, ranks: Ranks):
         self.exp, self.data, self.split_id = experiment, data, split_id
         self.run_dir, self.work_dir, self.hp = run_dir, work_dir, hyperparameters
         self.device, self.log, self.on_epoch_end, self.feature_cache = device, log, on_epoch_end, feature_cache
+        self.ranks = ranks
         self.started = time.perf_counter()
         self.probe = experiment.mode == "linear_probe"
         self.metric = "accuracy" if experiment.task == "classification" else "mse"
@@ -374,6 +405,9 @@ class _Run:
                  f"{exp.image_size} px on {describe_device(device)}")
         train_src, val_src = self._sources()
         trainable = self.net.head if self.probe else self.net
+        ranks = self.ranks
+        if ranks.world_size > 1:  # same initial weights everywhere (above); from here on each rank its own dropout
+            torch.manual_seed(exp.seed + 1_000_003 * ranks.rank)
         self.net.to(device, memory_format=torch.channels_last)
         if self.probe:
             self.net.backbone.requires_grad_(False).eval()
@@ -387,8 +421,9 @@ class _Run:
         scheduler = _scheduler(optimizer, exp, self.metric)
         loss_fn = make_loss(exp.task, exp.label_smoothing, self.net.head)
         val_loss_fn = make_loss(exp.task, 0.0, self.net.head)
-        step = TrainStep(self.net.head if self.probe else self.net, loss_fn, optimizer, device, compile=exp.compile)
-        pipeline = None if self.probe else InputPipeline(self.norm, device, torch.Generator(device=device).manual_seed(exp.seed))
+        step = TrainStep(ranks.wrap(trainable, device), loss_fn, optimizer, device, compile=exp.compile)
+        pipeline = None if self.probe else InputPipeline(
+            self.norm, device, torch.Generator(device=device).manual_seed(exp.seed + 1_000_003 * ranks.rank))
         shuffle = torch.Generator().manual_seed(exp.seed)
 
         state = self._resume(trainable, optimizer, scheduler, shuffle, pipeline)
@@ -404,12 +439,21 @@ class _Run:
             trainable.train()
             t0 = time.perf_counter()
             loss_sum, metric_sum, n_seen = train_epoch(
-                step, train_src, pipeline, torch.randperm(len(train_src), generator=shuffle), exp.batch_size,
+                step, train_src, pipeline, ranks.shard(torch.randperm(len(train_src), generator=shuffle)), exp.batch_size,
                 augment=exp.augment, task=exp.task)
+            if ranks.world_size > 1:  # the epoch's figures over all ranks
+                totals = ranks.sum(torch.stack([loss_sum.double(), metric_sum.double(),
+                                                torch.tensor(n_seen, dtype=torch.float64, device=device)]))
+                loss_sum, metric_sum, n_seen = totals[0], totals[1], int(totals[2].item())
             train_loss, train_metric = loss_sum.item() / n_seen, metric_sum.item() / n_seen  # .item(): the one sync
             seconds += time.perf_counter() - t0
             images_trained += n_seen
-            val_loss, val_metric = evaluate(step.net, val_src, pipeline, val_loss_fn, exp.task, device, 2 * exp.batch_size)
+            val = torch.zeros(2, dtype=torch.float64, device=device)
+            if ranks.main:
+                val[:] = torch.tensor(evaluate(trainable, val_src, pipeline, val_loss_fn, exp.task, device, 2 * exp.batch_size))
+            # Rank 0's numbers everywhere: the scheduler, best epoch and early stop below follow from
+            # the history alone, so every rank takes the same decisions.
+            val_loss, val_metric = ranks.from_main(val).tolist()
             lr = optimizer.param_groups[-1]["lr"]
             history.append({"epoch": epoch, "lr": lr, "train_loss": train_loss, "train_metric": train_metric,
                             "val_loss": val_loss, "val_metric": val_metric})
@@ -418,7 +462,9 @@ class _Run:
             elif scheduler is not None:
                 scheduler.step()
             if best_epoch == 0 or _better(history[-1], history[best_epoch - 1], self.metric):
-                best_epoch, best_weights = epoch, _cpu_state(trainable.state_dict())
+                best_epoch = epoch
+                if ranks.main:
+                    best_weights = _cpu_state(trainable.state_dict())
             stop = exp.patience > 0 and epoch - best_epoch >= exp.patience
             self.log(f"{exp.name}: epoch {epoch}/{exp.epochs} lr {lr:.2e} train loss {train_loss:.4f} "
                      f"{self.metric} {train_metric:.4f} | val loss {val_loss:.4f} {self.metric} {val_metric:.4f}"
@@ -426,32 +472,44 @@ class _Run:
             if stop:
                 self.log(f"{exp.name}: early stop: no val improvement for {exp.patience} epochs (best epoch {best_epoch})")
             wall = wall_before + time.perf_counter() - self.started
+            rng = ranks.gather(_rng_state(shuffle, pipeline, device))  # each rank's augmentation and dropout streams
+            if not ranks.main:
+                continue
             _atomic_save(self.run_dir / "last.pt", {
                 "epoch": epoch, "history": history, "best_epoch": best_epoch,
                 "best_state": None if best_epoch == epoch else best_weights,
                 "model": _cpu_state(trainable.state_dict()), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "rng": _rng_state(shuffle, pipeline, device), "experiment": spec_dict(exp), "split_id": self.split_id,
+                "rng": rng[0], **({"rank_rng": rng} if ranks.world_size > 1 else {}),
+                "experiment": spec_dict(exp), "split_id": self.split_id,
                 "hyperparameters": self.hp, "seconds": seconds, "images_trained": images_trained,
                 "wall_seconds": wall, "finished": stop or epoch >= exp.epochs})
             if self.on_epoch_end is not None:
                 self.on_epoch_end(epoch, history)
-        trainable.load_state_dict(best_weights)
-        return self._finish(history, best_epoch, resumed_from,
-                            wall_before + time.perf_counter() - self.started,
-                            images_trained / seconds if seconds else 0.0)
+        if ranks.main:
+            trainable.load_state_dict(best_weights)
+            result = self._finish(history, best_epoch, resumed_from, wall_before + time.perf_counter() - self.started,
+                                  images_trained / seconds if seconds else 0.0)
+        ranks.barrier()  # rank 0 has written result.json
+        return result if ranks.main else finished_result(self.run_dir)
 
-    def _sources(self) -> tuple[DeviceBatches, DeviceBatches]:
-        data, device = self.data, self.device
+    def _sources(self) -> tuple[DeviceBatches, DeviceBatches | None]:
+        """(train, val) inputs and targets; val on rank 0 only (the only rank that validates)."""
+        data, device, ranks = self.data, self.device, self.ranks
         y_train, y_val = (torch.from_numpy(np.asarray(y)) for y in (data.y_train, data.y_val))
         if not self.probe:
-            return DeviceBatches(data.x_train, y_train, device), DeviceBatches(data.x_val, y_val, device)
+            return DeviceBatches(data.x_train, y_train, device), \
+                DeviceBatches(data.x_val, y_val, device) if ranks.main else None
         backbone = self.net.backbone
         key = f"{self.exp.model}-{self.exp.image_size}px-{weights_fingerprint(backbone)[:16]}"
+        if not ranks.main:  # rank 0 computes the features; the others read them from the cache
+            ranks.barrier()
         features = cached_features(
             self.feature_cache / key, data.train_ids + data.val_ids, _Concat(data.x_train, data.x_val),
             lambda images: extract_features(backbone, self.norm, images, device=device, batch_size=max(2 * self.exp.batch_size, 64)),
             self.log)
+        if ranks.main:
+            ranks.barrier()
         f_train, f_val = features[: len(data.train_ids)], features[len(data.train_ids):]
         standardize = self.net.head[0]
         standardize.mean.copy_(torch.from_numpy(f_train.mean(0)))
@@ -459,7 +517,7 @@ class _Run:
         # Floor: a feature (nearly) constant on the training images must not blow up on others.
         standardize.std.copy_(torch.from_numpy(np.maximum(std, 0.1 * std.mean() + 1e-6)))
         return (DeviceBatches(torch.from_numpy(f_train), y_train, device),
-                DeviceBatches(torch.from_numpy(f_val), y_val, device))
+                DeviceBatches(torch.from_numpy(f_val), y_val, device) if ranks.main else None)
 
     def _resume(self, trainable, optimizer, scheduler, shuffle, pipeline) -> dict:
         last = self.run_dir / "last.pt"
@@ -472,7 +530,8 @@ class _Run:
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None:
             scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"], shuffle, pipeline, self.device)
+        rng = state["rank_rng"][self.ranks.rank] if self.ranks.world_size > 1 else state["rng"]
+        _set_rng_state(rng, shuffle, pipeline, self.device)
         self.log(f"{self.exp.name}: resuming after epoch {state['epoch']} from {last}")
         return {k: state[k] for k in fresh}
 
@@ -500,12 +559,19 @@ class _Run:
         result = TrainResult(
             checkpoint_path=path, model_id=model_id, history=history, best_epoch=best_epoch,
             epochs_run=len(history), best_val=best["val_metric"], metric=self.metric,
-            device=describe_device(self.device), wall_seconds=wall_seconds, images_per_second=images_per_second,
+            device=self._device_text(), wall_seconds=wall_seconds, images_per_second=images_per_second,
             curve_png=curve, run_dir=self.run_dir, resumed_from_epoch=resumed_from, hyperparameters=self.hp)
         _atomic_write(self.run_dir / "result.json", lambda f: f.write(result.to_json().encode()))
         self.log(f"{exp.name}: best epoch {best_epoch}: val {self.metric} {best['val_metric']:.4f}; "
                  f"model {model_id} ({wall_seconds:.1f} s, {images_per_second:.0f} images/s)")
         return result
+
+
+    def _device_text(self) -> str:
+        if self.ranks.world_size == 1:
+            return describe_device(self.device)
+        backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else "?"
+        return f"DDP, {self.ranks.world_size} processes ({backend}); rank 0: {describe_device(self.device)}"
 
 
 class _Concat:
@@ -649,14 +715,6 @@ def spec_dict(exp: ExperimentSpec) -> dict:
 
 
 
-def _finished_result(run_dir: Path) -> TrainResult | None:
-    path = run_dir / "result.json"
-    if not path.is_file():
-        return None
-    result = TrainResult.from_json(path.read_text())
-    return result if result.checkpoint_path.is_file() else None
-
-
 def _atomic_write(path: Path, write: Callable) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -742,6 +800,8 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
     state, info = _read_checkpoint(Path(path))
     net, _, _ = build_net(info["architecture"], image_size=info["image_size"], pretrained="none", mode=info["mode"],
                           task=info["task"], num_outputs=info["num_outputs"], head_hidden=info["head_hidden"])
+    # A state dict saved from a DistributedDataParallel wrapper names every key "module.<key>".
+    consume_prefix_in_state_dict_if_present(state, "module.")
     net.load_state_dict(state)
     return net.eval(), info
 

@@ -1,0 +1,219 @@
+"""Training on several GPUs or machines: DistributedDataParallel processes started by torchrun.
+
+The parent (the `trained_model` asset) trains nothing and loads no model: it writes the training data
+once into the run folder (<work_dir>/runs/<run key>/job/: one .npy file per array, memory-mapped by
+every rank, plus job.json), starts `python -m torch.distributed.run ... -m emopipe.core.distributed
+<job folder>` and streams its output. DuckDB stays with the parent: the ranks never open the database
+(one read-write process per file), and the parent records the `models` row from the result.json that
+rank 0 writes. Each rank runs train_model's loop (trained_model.py) on its shard of every epoch.
+
+One machine: torchrun's static rendezvous on 127.0.0.1 at a free port. Several machines: the
+rendezvous endpoint (host:port of the first node) comes from the caller or EMOPIPE_RDZV_ENDPOINT,
+and the same torchrun command, logged by the parent, is run on every other node; the data directory
+must be on storage that all nodes mount at the same path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+from collections import deque
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import emopipe
+from emopipe.catalog import EvalDataset, ExperimentSpec, Reference, TextThresholds, TuneSpec
+from emopipe.core.device_data import Ranks
+from emopipe.core.trained_model import (Log, TrainingData, TrainingError, TrainResult, _atomic_write, _check_data,
+                                        finished_result, run_directory, spec_dict, train_model)
+from emopipe.paths import data_dir
+
+RDZV_ENDPOINT_ENV = "EMOPIPE_RDZV_ENDPOINT"
+# Rank 0 alone fills a linear probe's feature cache while the others wait in a barrier.
+COLLECTIVE_TIMEOUT = timedelta(minutes=60)
+ARRAYS = ("x_train", "x_val", "y_train", "y_val")
+
+
+def world_size(experiment: ExperimentSpec) -> int:
+    return experiment.gpus * experiment.nodes
+
+
+def train_distributed(experiment: ExperimentSpec, data: TrainingData, *, split_id: str, work_dir: Path,
+                      log: Log = print, device: str | None = None, feature_cache: Path | None = None,
+                      rdzv_endpoint: str | None = None) -> TrainResult:
+    """Train with experiment.gpus processes on each of experiment.nodes machines (torchrun) and return
+    rank 0's TrainResult; a finished run with the same inputs is returned without starting anything.
+
+    Each process takes batch_size images per step (the global batch is world size x batch_size).
+    device: None: a GPU per process (nccl) when CUDA is there, else CPU processes (gloo); "cpu": CPU.
+    rdzv_endpoint: host:port of the rendezvous for several nodes (default: $EMOPIPE_RDZV_ENDPOINT).
+    """
+    _check_data(experiment, data)
+    world = world_size(experiment)
+    work_dir = Path(work_dir).resolve()
+    run_dir, _ = run_directory(experiment, data, split_id, work_dir, world)
+    finished = finished_result(run_dir)
+    if finished is not None:
+        log(f"{experiment.name}: already trained (run {run_dir.name}): model {finished.model_id}")
+        return finished
+    use_cuda = device != "cpu" and torch.cuda.is_available()
+    if device not in (None, "cpu"):
+        raise ValueError(f"device: None or 'cpu', not {device!r} (each rank takes the GPU of its local rank)")
+    if use_cuda and experiment.gpus > torch.cuda.device_count():
+        raise TrainingError(f"experiment {experiment.name!r}: gpus: {experiment.gpus} but this machine has "
+                            f"{torch.cuda.device_count()} CUDA GPU(s)")
+    if not use_cuda:
+        log(f"{experiment.name}: {world} CPU training processes (gloo); no CUDA GPU is used")
+    job_dir = write_job(run_dir / "job", experiment, data, split_id=split_id, work_dir=work_dir,
+                        feature_cache=Path(feature_cache).resolve() if feature_cache else data_dir().resolve() / "features",
+                        device="cuda" if use_cuda else "cpu")
+    command = torchrun_command(experiment, job_dir, rdzv_endpoint=rdzv_endpoint, run_id=run_dir.name[:16])
+    if experiment.nodes > 1:
+        log(f"{experiment.name}: waiting for {experiment.nodes - 1} more node(s); on each, in this project's "
+            f"environment, run: {shlex.join(['torchrun', *command[3:]])}")
+    log(f"{experiment.name}: {shlex.join(command)}")
+    _run(command, _environment(experiment, use_cuda), log)
+    result = finished_result(run_dir)
+    if result is None:
+        raise TrainingError(f"experiment {experiment.name!r}: torchrun finished but {run_dir / 'result.json'} "
+                            f"names no checkpoint")
+    shutil.rmtree(job_dir, ignore_errors=True)  # a copy of the arrays; the run folder keeps last.pt
+    return result
+
+
+def write_job(job_dir: Path, experiment: ExperimentSpec, data: TrainingData, *, split_id: str, work_dir: Path,
+              feature_cache: Path, device: str) -> Path:
+    """The ranks' inputs: the arrays as .npy files and job.json (written last: the job is complete
+    once it exists). The folder belongs to one run key, so a resumed run reuses it as it is."""
+    if (job_dir / "job.json").is_file():
+        return job_dir
+    job_dir.mkdir(parents=True, exist_ok=True)
+    for name in ARRAYS:
+        array = np.ascontiguousarray(getattr(data, name))
+        _atomic_write(job_dir / f"{name}.npy", lambda f: np.save(f, array))
+    job = {"experiment": spec_dict(experiment), "origin": experiment.origin, "split_id": split_id,
+           "work_dir": str(work_dir), "feature_cache": str(feature_cache), "device": device,
+           "world_size": world_size(experiment), "classes": data.classes, "targets": data.targets,
+           "train_ids": data.train_ids, "val_ids": data.val_ids}
+    _atomic_write(job_dir / "job.json", lambda f: f.write(json.dumps(job).encode()))
+    return job_dir
+
+
+def torchrun_command(experiment: ExperimentSpec, job_dir: Path, *, rdzv_endpoint: str | None = None,
+                     run_id: str = "emopipe") -> list[str]:
+    """python -m torch.distributed.run with this machine's processes and the rendezvous."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(experiment.nodes),
+               "--nproc-per-node", str(experiment.gpus), "--max-restarts", "0"]
+    if experiment.nodes == 1:
+        # Static rendezvous on the loopback address: nothing listens beyond this machine.
+        command += ["--node-rank", "0", "--master-addr", "127.0.0.1", "--master-port", str(_free_port())]
+    else:
+        endpoint = rdzv_endpoint or os.environ.get(RDZV_ENDPOINT_ENV)
+        if not endpoint:
+            raise TrainingError(
+                f"experiment {experiment.name!r}: nodes: {experiment.nodes} needs a rendezvous endpoint, host:port of "
+                f"the first node reachable from every node: set {RDZV_ENDPOINT_ENV} (see README, 'Scale-out')")
+        command += ["--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", run_id]
+    return command + ["-m", "emopipe.core.distributed", str(job_dir)]
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _environment(experiment: ExperimentSpec, use_cuda: bool) -> dict[str, str]:
+    env = dict(os.environ)
+    package_root = str(Path(emopipe.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join([package_root, *filter(None, [env.get("PYTHONPATH")])])
+    if not use_cuda:  # CPU ranks share the cores instead of each taking all of them
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // experiment.gpus)))
+    if experiment.nodes == 1 and Path("/sys/class/net/lo").exists():
+        # One machine: gloo and NCCL's bootstrap connect over the loopback interface only.
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        env.setdefault("NCCL_SOCKET_IFNAME", "lo")
+    return env
+
+
+def _run(command: list[str], env: dict[str, str], log: Log) -> None:
+    tail: deque[str] = deque(maxlen=40)
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               bufsize=1)
+    try:
+        for line in process.stdout:
+            line = line.rstrip()
+            tail.append(line)
+            log(line)
+        returncode = process.wait()
+    finally:
+        if process.poll() is None:  # the parent was interrupted: torchrun stops its ranks on SIGTERM
+            process.terminate()
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+    if returncode != 0:
+        raise TrainingError(f"distributed training failed (torchrun exit code {returncode}); last output:\n"
+                            + "\n".join(tail))
+
+
+# --- one rank -----------------------------------------------------------------------------------------
+
+
+def read_job(job_dir: Path) -> tuple[dict, ExperimentSpec, TrainingData]:
+    """(job.json, the experiment, the training data memory-mapped copy-on-write: shared page cache)."""
+    job = json.loads((job_dir / "job.json").read_text())
+    arrays = {name: np.load(job_dir / f"{name}.npy", mmap_mode="c") for name in ARRAYS}
+    data = TrainingData(job["classes"], job["targets"], job["train_ids"], job["val_ids"], **arrays)
+    return job, experiment_from_dict(job["experiment"], job["origin"]), data
+
+
+def experiment_from_dict(d: dict, origin: str = "") -> ExperimentSpec:
+    """The inverse of spec_dict (after a JSON round trip); checked, so a new nested field fails loudly."""
+    nested = {"eval_datasets": lambda v: tuple(EvalDataset(**e) for e in v),
+              "text_thresholds": lambda v: TextThresholds(**v), "tune": lambda v: TuneSpec(**v),
+              "reference": lambda v: Reference(**v)}
+    fields = {k: (nested[k](v) if k in nested and v is not None else tuple(v) if isinstance(v, list) else v)
+              for k, v in d.items()}
+    spec = ExperimentSpec(**fields, origin=origin)
+    if json.loads(json.dumps(spec_dict(spec))) != d:
+        raise ValueError(f"experiment {d.get('name')!r} does not survive the round trip through job.json")
+    return spec
+
+
+def main(argv: list[str] | None = None) -> int:
+    """A torchrun worker: `python -m emopipe.core.distributed JOB_DIR` (RANK, WORLD_SIZE, LOCAL_RANK from torchrun)."""
+    import torch.distributed as dist
+
+    argv = sys.argv[1:] if argv is None else argv
+    job, experiment, data = read_job(Path(argv[0]))
+    rank, world, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    if world != job["world_size"]:
+        raise SystemExit(f"torchrun started {world} processes in all but experiment {experiment.name!r} "
+                         f"trains with gpus x nodes = {job['world_size']}")
+    use_cuda = job["device"] == "cuda"
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=COLLECTIVE_TIMEOUT,
+                            device_id=device if use_cuda else None)
+    try:
+        train_model(experiment, data, split_id=job["split_id"], work_dir=Path(job["work_dir"]),
+                    log=(lambda line: print(line, flush=True)) if rank == 0 else (lambda _: None),
+                    device=device, feature_cache=Path(job["feature_cache"]), ranks=Ranks(rank, world, local_rank))
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
