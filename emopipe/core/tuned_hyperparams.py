@@ -1,0 +1,242 @@
+"""Population-based training (the core of `tuned_hyperparams`): Ray Tune's PBT searches lr,
+weight_decay and batch_size for an experiment before `trained_model` trains with the winner.
+
+`experiment.tune.population` trials train side by side on the split's train part, each epoch with the
+project's own building blocks (build_net, make_optimizer, make_loss, TrainStep, InputPipeline,
+DeviceBatches, train_epoch, evaluate), and report the val metric. Every `perturbation_interval` epochs
+each trial checkpoints; the bottom `quantile_fraction` of trials copy the weights and optimizer state
+of a top trial (exploit) and perturb its hyperparameters (explore). The learning rate is constant
+within a segment: PBT itself is the schedule.
+
+Ray runs on this machine only: its node binds 127.0.0.1, the dashboard and usage reporting are off,
+its temp and result folders live under the data dir. Needs the `tune` extra (ray[tune]).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from emopipe.catalog import ExperimentSpec
+from emopipe.core.device_data import DeviceBatches, InputPipeline, TrainStep, configure_cuda, pick_device
+from emopipe.core.models import weights_fingerprint
+from emopipe.core.trained_model import (TrainingData, _check_data, build_net, cached_features, evaluate,
+                                        extract_features, make_loss, make_optimizer, train_epoch, _Concat)
+from emopipe.errors import UserError
+from emopipe.paths import data_dir
+
+Log = Callable[[str], None]
+# AF_UNIX socket paths are limited to 107 bytes; Ray puts its sockets in <temp>/session_<time>_<pid>/sockets/.
+RAY_TEMP_MAX_CHARS = 40
+
+
+class TuneError(UserError):
+    """Ray Tune is missing, or the tuning could not run."""
+
+
+@dataclass
+class TuneResult:
+    best_config: dict  # lr, weight_decay, batch_size of the best trial at the end
+    best_val: float  # that trial's last val metric
+    metric: str  # "accuracy" (higher is better) or "mse"
+    trials: list[dict]  # per trial: trial_id, config (final), val_metric, history (one dict per epoch)
+    perturbations: int  # exploit/explore steps PBT made
+
+
+def search_space(experiment: ExperimentSpec, n_train: int) -> dict:
+    """Ranges around the experiment's own values: lr and weight_decay a decade either way (log scale),
+    batch size halved or doubled (never above the train part)."""
+    from ray import tune
+
+    sizes = sorted({max(2, min(n_train, b)) for b in (experiment.batch_size // 2, experiment.batch_size, experiment.batch_size * 2)})
+    return {"lr": tune.loguniform(experiment.lr / 10, experiment.lr * 10),
+            "weight_decay": tune.loguniform(max(experiment.weight_decay, 1e-4) / 10, max(experiment.weight_decay, 1e-4) * 10),
+            "batch_size": tune.choice(sizes)}
+
+
+def tune_hyperparameters(experiment: ExperimentSpec, data: TrainingData, *, work_dir: Path, log: Log = print,
+                         num_cpus: int | None = None, feature_cache: Path | None = None) -> TuneResult:
+    """Run PBT for experiment.tune and return the best trial's hyperparameters and every trial's history."""
+    if experiment.tune is None:
+        raise ValueError(f"experiment {experiment.name!r} has no tune settings")
+    try:
+        import ray
+        from ray import tune
+        from ray.tune.schedulers import PopulationBasedTraining
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+    except ImportError:
+        raise TuneError(f"experiment {experiment.name!r} sets tune: population-based training needs Ray Tune "
+                        f"(pip install 'emopipe[tune]', or pip install 'ray[tune]')") from None
+    _check_data(experiment, data)
+    spec = experiment.tune
+    work_dir = Path(work_dir).resolve()
+    metric_name = "accuracy" if experiment.task == "classification" else "mse"
+    mode = "max" if metric_name == "accuracy" else "min"
+    inputs = _probe_features(experiment, data, feature_cache or data_dir() / "features", log) \
+        if experiment.mode == "linear_probe" else None
+    space = search_space(experiment, len(data.train_ids))
+    scheduler = PopulationBasedTraining(
+        time_attr="training_iteration", perturbation_interval=spec.perturbation_interval,
+        hyperparam_mutations=space, quantile_fraction=spec.quantile_fraction, synch=True)
+    num_cpus = num_cpus or os.cpu_count() or 1
+    cpus_per_trial = max(1, num_cpus // spec.population)
+    gpus_per_trial = 1 / spec.population if torch.cuda.is_available() else 0  # the trials share one GPU
+    started_here = not ray.is_initialized()
+    if started_here:
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage report to the internet
+        ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+                 _temp_dir=str(_ray_temp_dir(log)), log_to_driver=False, configure_logging=False)
+    try:
+        trainable = tune.with_resources(
+            tune.with_parameters(_trial, experiment=experiment, data=data, features=inputs, threads=cpus_per_trial),
+            {"cpu": cpus_per_trial, "gpu": gpus_per_trial})
+        tuner = tune.Tuner(
+            trainable, param_space=space,
+            tune_config=tune.TuneConfig(scheduler=scheduler, metric="val_metric", mode=mode, num_samples=spec.population,
+                                        search_alg=BasicVariantGenerator(random_state=experiment.seed),
+                                        reuse_actors=True),  # exploit: no new worker process, no re-import of torch
+            run_config=tune.RunConfig(name=f"pbt-{experiment.name}", storage_path=str(work_dir / "tune"),
+                                      stop={"training_iteration": spec.epochs}, verbose=0,
+                                      # PBT may restore a trial from a peer's checkpoint one interval old: keep a few.
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=4)))
+        log(f"{experiment.name}: PBT over {spec.population} trials x {spec.epochs} epochs, perturbing every "
+            f"{spec.perturbation_interval} epochs ({cpus_per_trial} CPU(s){', a GPU share' if gpus_per_trial else ''} each)")
+        grid = tuner.fit()
+        errors = [r.error for r in grid if r.error is not None]
+        if errors:
+            raise TuneError(f"experiment {experiment.name!r}: {len(errors)} PBT trial(s) failed: {errors[0]}")
+    finally:
+        if started_here:
+            ray.shutdown()
+    trials = []
+    for r in grid:
+        history = [{k: _plain(v) for k, v in row.items() if k in HISTORY_KEYS} for row in r.metrics_dataframe.to_dict("records")]
+        trials.append({"trial_id": r.metrics["trial_id"], "config": _config(r.config), "val_metric": r.metrics["val_metric"],
+                       "history": history})
+    better = max if mode == "max" else min
+    best = better(trials, key=lambda t: t["val_metric"])
+    perturbations = int(getattr(scheduler, "_num_perturbations", 0))
+    log(f"{experiment.name}: PBT best val {metric_name} {best['val_metric']:.4f} with {best['config']} "
+        f"({perturbations} perturbations)")
+    return TuneResult(best_config=best["config"], best_val=float(best["val_metric"]), metric=metric_name,
+                      trials=trials, perturbations=perturbations)
+
+
+HISTORY_KEYS = ("epoch", "lr", "weight_decay", "batch_size", "train_loss", "val_loss", "val_metric", "restored_from")
+
+
+def _config(config: dict) -> dict:
+    return {"lr": float(config["lr"]), "weight_decay": float(config["weight_decay"]), "batch_size": int(config["batch_size"])}
+
+
+def _plain(value):
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _ray_temp_dir(log: Log) -> Path:
+    """<data dir>/ray, unless that path is too long for Ray's unix sockets: then a short folder in /tmp."""
+    path = data_dir().resolve() / "ray"
+    if len(str(path)) <= RAY_TEMP_MAX_CHARS:
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    short = Path(tempfile.mkdtemp(prefix="emopipe-ray-"))
+    log(f"Ray temp dir {short} (the data dir's path is too long for Ray's unix sockets)")
+    return short
+
+
+def _probe_features(experiment: ExperimentSpec, data: TrainingData, cache: Path, log: Log) -> tuple[np.ndarray, np.ndarray]:
+    """linear_probe: the frozen backbone's features of train and val, computed once for all trials
+    (the same cache and key as trained_model's)."""
+    device = pick_device(None, log)
+    net, norm, _ = build_net(experiment.model, image_size=experiment.image_size, pretrained=experiment.pretrained,
+                             mode=experiment.mode, task=experiment.task, num_outputs=data.num_outputs,
+                             head_hidden=experiment.head_hidden)
+    key = f"{experiment.model}-{experiment.image_size}px-{weights_fingerprint(net.backbone)[:16]}"
+    features = cached_features(
+        cache / key, data.train_ids + data.val_ids, _Concat(data.x_train, data.x_val),
+        lambda images: extract_features(net.backbone, norm, images, device=device, batch_size=max(2 * experiment.batch_size, 64)),
+        log)
+    return features[: len(data.train_ids)], features[len(data.train_ids):]
+
+
+def _trial(config: dict, *, experiment: ExperimentSpec, data: TrainingData, features, threads: int) -> None:
+    """One PBT trial (runs in a Ray worker): train epoch by epoch, report the val metric, checkpoint
+    every perturbation_interval epochs; on restore (own checkpoint or a copied one) continue from it
+    with the config PBT gives."""
+    from ray import tune
+
+    torch.set_num_threads(threads)
+    device = pick_device(None, lambda _: None)
+    configure_cuda(device)
+    exp = dataclasses.replace(experiment, lr=float(config["lr"]), weight_decay=float(config["weight_decay"]),
+                              batch_size=int(config["batch_size"]))
+    probe = exp.mode == "linear_probe"
+    torch.manual_seed(exp.seed)
+    net, norm, _ = build_net(exp.model, image_size=exp.image_size, pretrained=exp.pretrained, mode=exp.mode,
+                             task=exp.task, num_outputs=data.num_outputs, head_hidden=exp.head_hidden)
+    trainable = net.head if probe else net
+    y_train, y_val = (torch.from_numpy(np.asarray(y)) for y in (data.y_train, data.y_val))
+    if probe:
+        f_train, f_val = features
+        standardize = net.head[0]
+        standardize.mean.copy_(torch.from_numpy(f_train.mean(0)))
+        std = f_train.std(0)
+        standardize.std.copy_(torch.from_numpy(np.maximum(std, 0.1 * std.mean() + 1e-6)))
+        train_src = DeviceBatches(torch.from_numpy(f_train), y_train, device)
+        val_src = DeviceBatches(torch.from_numpy(f_val), y_val, device)
+        pipeline = None
+    else:
+        train_src, val_src = DeviceBatches(data.x_train, y_train, device), DeviceBatches(data.x_val, y_val, device)
+        pipeline = InputPipeline(norm, device, torch.Generator(device=device).manual_seed(exp.seed))
+    if exp.task == "regression":
+        net.head[-1].mean.copy_(torch.from_numpy(data.y_train.mean(0)))
+        net.head[-1].std.copy_(torch.from_numpy(np.maximum(data.y_train.std(0), 1e-6)))
+    net.to(device, memory_format=torch.channels_last)
+    if probe:
+        net.backbone.requires_grad_(False).eval()
+    optimizer = make_optimizer(trainable, exp, device)
+    step = TrainStep(trainable, make_loss(exp.task, exp.label_smoothing, net.head), optimizer, device, compile=exp.compile)
+    val_loss_fn = make_loss(exp.task, 0.0, net.head)
+    trial_id = tune.get_context().get_trial_id()
+
+    epoch, restored_from = 0, ""
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state = torch.load(Path(folder) / "state.pt", map_location="cpu", weights_only=True)
+        trainable.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        epoch = state["epoch"]
+        restored_from = state["trial_id"]  # another trial's id: PBT copied its weights here
+        for group in optimizer.param_groups:  # the loaded state carries the old values; PBT's new ones apply
+            group["lr"] = exp.lr
+            if group["weight_decay"] > 0:
+                group["weight_decay"] = exp.weight_decay
+    shuffle = torch.Generator().manual_seed(exp.seed * 1000 + epoch)
+    interval = experiment.tune.perturbation_interval
+    while epoch < experiment.tune.epochs:
+        epoch += 1
+        trainable.train()
+        loss_sum, _, n_seen = train_epoch(step, train_src, pipeline, torch.randperm(len(train_src), generator=shuffle),
+                                          exp.batch_size, augment=exp.augment and not probe, task=exp.task)
+        val_loss, val_metric = evaluate(net if not probe else net.head, val_src, pipeline, val_loss_fn, exp.task, device,
+                                        2 * exp.batch_size)
+        metrics = {"epoch": epoch, "lr": exp.lr, "weight_decay": exp.weight_decay, "batch_size": exp.batch_size,
+                   "train_loss": loss_sum.item() / max(n_seen, 1), "val_loss": val_loss, "val_metric": val_metric,
+                   "restored_from": restored_from}
+        if epoch % interval == 0 or epoch == experiment.tune.epochs:
+            with tempfile.TemporaryDirectory() as folder:
+                torch.save({"model": {k: v.detach().cpu() for k, v in trainable.state_dict().items()},
+                            "optimizer": optimizer.state_dict(), "epoch": epoch, "trial_id": trial_id},
+                           Path(folder) / "state.pt")
+                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+        else:
+            tune.report(metrics)
+        restored_from = ""
