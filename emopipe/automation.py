@@ -76,7 +76,7 @@ def build_data_sensor(catalog: Catalog) -> dg.SensorDefinition:
     def new_data(context: dg.SensorEvaluationContext) -> dg.SensorResult:
         seen = observe(catalog, context.cursor)
         for dataset, error in seen.errors.items():
-            context.log.warning(f"{dataset}: not checked this time: {error}")
+            context.log.warning(f"{dataset}: could not be checked, its last version is kept: {error}")
         requests = [
             dg.RunRequest(partition_key=exp, run_key=seen.run_keys[exp],
                           tags={"emopipe/trigger": "new_data", "emopipe/changed_datasets": ",".join(datasets)})
@@ -90,6 +90,9 @@ def build_data_sensor(catalog: Catalog) -> dg.SensorDefinition:
             reason = f"recorded the first version of {', '.join(seen.recorded)}; a later change starts runs"
         else:
             reason = "no dataset changed"
+        if seen.unavailable:
+            # Named, not warned about: a seed dataset nobody downloaded would otherwise warn every minute.
+            reason += f"; not readable yet: {', '.join(seen.unavailable)}"
         return dg.SensorResult(skip_reason=reason, cursor=seen.cursor)
 
     return new_data

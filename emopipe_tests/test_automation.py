@@ -15,6 +15,7 @@ import pytest
 
 from emopipe.automation import build_data_sensor, build_schedules
 from emopipe.catalog import CatalogError, load_catalog
+from emopipe.core.dataset_versions import observe
 
 CATALOG = """
 datasets:
@@ -122,11 +123,12 @@ def test_sensor_runs_exactly_the_experiments_whose_data_changed(project, photo_j
     with dg.DagsterInstance.ephemeral() as instance:
         first, cursor = tick(repo, instance, None)
         assert first.run_requests == [] and "recorded the first version" in first.skip_message
-        # Only datasets some experiment uses are watched ("unused" points at a missing folder).
-        assert set(json.loads(cursor)["versions"]) == {"pics", "listed", "remote"}
+        # Only datasets some experiment uses are watched.
+        assert {"pics", "listed", "remote"} <= set(json.loads(cursor)["versions"])
+        assert "unused" not in json.loads(cursor)["versions"] and "unused" not in first.skip_message
 
         again, cursor2 = tick(repo, instance, cursor)
-        assert again.run_requests == [] and again.skip_message == "no dataset changed" and cursor2 == cursor
+        assert again.run_requests == [] and again.skip_message.startswith("no dataset changed") and cursor2 == cursor
 
         (project / "pics" / "fear" / "chelsea.jpg").write_bytes(photo_jpegs["chelsea"])
         result, cursor = tick(repo, instance, cursor2)
@@ -137,9 +139,12 @@ def test_sensor_runs_exactly_the_experiments_whose_data_changed(project, photo_j
         assert len({r.run_key for r in result.run_requests}) == 2
 
         # The local URL list changes: its two experiments, not the folder's own.
-        (project / "lists" / "listed.csv").write_text("url,label\nhttp://127.0.0.1:9/a.jpg,joy\nhttp://127.0.0.1:9/c.jpg,fear\n")
+        original = (project / "lists" / "listed.csv").read_text()
+        changed = "url,label\nhttp://127.0.0.1:9/a.jpg,joy\nhttp://127.0.0.1:9/c.jpg,fear\n"
+        (project / "lists" / "listed.csv").write_text(changed)
         result, cursor = tick(repo, instance, cursor)
         assert sorted(r.partition_key for r in result.run_requests) == ["also-on.listed", "on_listed"]
+        first_keys = {r.partition_key: r.run_key for r in result.run_requests}
 
         # Rewritten in place with the same size: the mtime tells (set explicitly: no clock granularity).
         target = project / "pics" / "joy" / "coffee.jpg"
@@ -149,12 +154,15 @@ def test_sensor_runs_exactly_the_experiments_whose_data_changed(project, photo_j
         result, cursor = tick(repo, instance, cursor)
         assert sorted(r.partition_key for r in result.run_requests) == ["on_listed", "on_pics"]
 
-        # Back to an earlier CSV: a new change, so a new run key (not deduplicated against the first).
-        before = {r.partition_key: r.run_key for r in result.run_requests}
-        (project / "lists" / "listed.csv").write_text("url,label\nhttp://127.0.0.1:9/a.jpg,joy\n")
+        # Reverted, then changed the same way again: both are new changes with new run keys (Dagster
+        # would skip a request whose run key it launched before).
+        (project / "lists" / "listed.csv").write_text(original)
         reverted, cursor = tick(repo, instance, cursor)
-        keys = {r.partition_key: r.run_key for r in reverted.run_requests}
-        assert set(keys) == {"also-on.listed", "on_listed"} and keys["on_listed"] != before["on_listed"]
+        assert sorted(r.partition_key for r in reverted.run_requests) == ["also-on.listed", "on_listed"]
+        (project / "lists" / "listed.csv").write_text(changed)
+        again, cursor = tick(repo, instance, cursor)
+        keys = {r.partition_key: r.run_key for r in again.run_requests}
+        assert set(keys) == set(first_keys) and all(keys[e] != first_keys[e] for e in keys)
 
 
 def test_sensor_downloads_a_remote_url_list(project):
@@ -173,17 +181,27 @@ def test_sensor_downloads_a_remote_url_list(project):
         assert tick(repo, instance, cursor)[0].run_requests == []
 
 
-def test_unreadable_dataset_keeps_its_version_until_it_returns(project, photo_jpegs):
+def test_unreadable_dataset_keeps_its_version_until_it_returns(project):
     catalog = load_catalog(project / "catalog.yaml")
     repo = repository(catalog)
     with dg.DagsterInstance.ephemeral() as instance:
-        _, cursor = tick(repo, instance, None)
         (project / "pics").rename(project / "pics.away")
-        result, cursor2 = tick(repo, instance, cursor)
-        assert result.run_requests == [] and cursor2 == cursor
+        first, cursor = tick(repo, instance, None)
+        assert "not readable yet: " in first.skip_message and "pics" in first.skip_message.split("not readable yet: ")[1]
+        assert "pics" not in json.loads(cursor)["versions"]
         (project / "pics.away").rename(project / "pics")
-        result, cursor = tick(repo, instance, cursor2)
-        assert result.run_requests == []  # back unchanged (a rename keeps mtimes)
+        back, cursor = tick(repo, instance, cursor)
+        assert back.run_requests == [] and "recorded the first version of pics" in back.skip_message
+
+        # Gone after being seen: the last version is kept, no run; back unchanged (a rename keeps mtimes): no run.
+        (project / "pics").rename(project / "pics.away")
+        gone, cursor2 = tick(repo, instance, cursor)
+        assert gone.run_requests == [] and cursor2 == cursor
+        # The sensor logs these as warnings: the dataset was known, so its loss matters.
+        assert "the folder" in observe(catalog, cursor).errors["pics"] and "pics" in observe(catalog, cursor).errors["pics"]
+        (project / "pics.away").rename(project / "pics")
+        back, cursor = tick(repo, instance, cursor2)
+        assert back.run_requests == [] and cursor == cursor2
         (project / "pics" / "joy" / "astronaut.jpg").unlink()
         result, _ = tick(repo, instance, cursor)
         assert sorted(r.partition_key for r in result.run_requests) == ["on_listed", "on_pics"]

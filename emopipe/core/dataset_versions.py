@@ -75,7 +75,8 @@ class Observation:
     changed: dict[str, list[str]]  # experiment -> its datasets that changed since the previous look
     run_keys: dict[str, str]  # experiment -> a key unique to this change (stable if the look is repeated)
     recorded: list[str] = field(default_factory=list)  # datasets seen for the first time: recorded, no run
-    errors: dict[str, str] = field(default_factory=dict)  # dataset -> why it could not be read (version kept)
+    errors: dict[str, str] = field(default_factory=dict)  # known dataset -> why it could not be read (version kept)
+    unavailable: list[str] = field(default_factory=list)  # never read yet (e.g. a seed dataset not downloaded)
 
 
 def observe(catalog: Catalog, cursor: str | None, timeout: float = 20.0) -> Observation:
@@ -88,14 +89,15 @@ def observe(catalog: Catalog, cursor: str | None, timeout: float = 20.0) -> Obse
     """
     state = json.loads(cursor) if cursor else {"versions": {}, "changes": 0}
     previous: dict[str, str] = state["versions"]
-    versions, errors, recorded, changed_sets = {}, {}, [], []
+    versions, errors, unavailable, recorded, changed_sets = {}, {}, [], [], []
     for name in observed_datasets(catalog):
         try:
             versions[name] = dataset_version(catalog.dataset(name), timeout)
         except UserError as e:
-            errors[name] = str(e)
             if name in previous:
-                versions[name] = previous[name]
+                errors[name], versions[name] = str(e), previous[name]
+            else:
+                unavailable.append(name)
             continue
         if name not in previous:
             recorded.append(name)
@@ -110,4 +112,4 @@ def observe(catalog: Catalog, cursor: str | None, timeout: float = 20.0) -> Obse
         digest = rows_fingerprint((d, versions[d]) for d in changed[exp])[:16]
         run_keys[exp] = f"{exp}:change-{changes}:{digest}"
     new_cursor = json.dumps({"versions": versions, "changes": changes}, sort_keys=True)
-    return Observation(new_cursor, changed, run_keys, recorded, errors)
+    return Observation(new_cursor, changed, run_keys, recorded, errors, unavailable)
