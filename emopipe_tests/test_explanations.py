@@ -85,3 +85,15 @@ def test_select_samples_deterministic():
         correct = sorted(r for r in rows if r[1] == label and r[2] == label)
         assert picked == correct[:2]  # correctly predicted first, by image_id
     assert len(select_samples(rows, per_class=100)) == 60
+
+
+def test_explains_a_project_network():
+    """The network trained_model builds (and load_checkpoint returns): timm backbone + head."""
+    from emopipe.core.trained_model import build_net
+
+    torch.manual_seed(0)
+    net, norm, _ = build_net("test_resnet", image_size=32, pretrained="none", mode="finetune", task="classification",
+                             num_outputs=3, head_hidden=8)
+    info = {"normalization": norm.as_dict()}
+    heat = explain(net.eval(), info, _images(2), [0, 2], steps=8, device="cpu")
+    assert heat.shape == (2, 32, 32) and np.isfinite(heat).all() and np.allclose(heat.max((1, 2)), 1.0)
