@@ -56,7 +56,7 @@ def run_experiment(name: str) -> int:
     from emopipe.definitions import defs
     from emopipe.paths import data_dir, db_path
 
-    CATALOG.experiment(name)  # a clear error for an unknown experiment
+    headline_metric = "mse" if CATALOG.experiment(name).task == "regression" else "accuracy"  # also: unknown name -> clear error
     job = defs.resolve_job_def("main")
     with dg.DagsterInstance.get() as instance:
         result = job.execute_in_process(partition_key=name, instance=instance, raise_on_error=False)
@@ -77,8 +77,8 @@ def run_experiment(name: str) -> int:
             headline = mat.metadata["headline"].value
     if headline:
         print(f"\n{headline}\n")
-        print(f"Trace a number to its images:  emopipe trace {name} --metric accuracy --verify\n")
-        trace_experiment(name, "accuracy", verify=False, full=False)
+        print(f"Trace a number to its images:  emopipe trace {name} --metric {headline_metric} --verify\n")
+        trace_experiment(name, headline_metric, verify=False, full=False)
     _print_where(data_dir(), db_path(), name)
     return 0
 

@@ -301,8 +301,8 @@ def test_emotic_annotations_mat(tmp_path, db, data_dir, photo_jpegs):
     assert result.n_images == 3
     assert {str(Path(u).relative_to(root)): a["split"] for u, (_, a) in rows.items()} == {
         "mscoco/images/one.jpg": "train", "emodb_small/images/val.jpg": "val", "framesdb/images/test.jpg": "test"}
-    # Recorded as rejected (with reason unknown_label until the ingest reads REJECT_REASON; see the module docstring).
-    assert sorted(str(Path(u).relative_to(root)) for u, _, _ in rejected) == ["ade20k/images/nan.jpg", "mscoco/images/two.jpg"]
+    assert sorted((str(Path(u).relative_to(root)), r) for u, r, _ in rejected) == [
+        ("ade20k/images/nan.jpg", "no_continuous_labels"), ("mscoco/images/two.jpg", "multiple_persons")]
 
 
 def test_emotic_converted_csvs(tmp_path, photo_jpegs):

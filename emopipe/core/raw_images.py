@@ -23,6 +23,8 @@ from typing import Callable, Iterable, Iterator
 from PIL import Image
 
 from emopipe.catalog import DatasetSpec
+from emopipe.core.dataset_formats import REJECT_DETAIL, REJECT_REASON
+from emopipe.core.download import is_http_url
 from emopipe.core.sources import Fetched, SourceItem, fetch_items, list_items
 from emopipe.db import Database
 from emopipe.fingerprint import rows_fingerprint, sha256_bytes
@@ -146,11 +148,15 @@ def ingest_dataset(
 
     to_fetch: list[SourceItem] = []
     for item in items:
+        reason = item.attributes.get(REJECT_REASON) if item.label is None else None
+        if reason:  # the dataset's own annotations exclude it (e.g. an EMOTIC image with two people)
+            rejected.append((spec.name, item.uri, reason, item.attributes.get(REJECT_DETAIL, item.uri)))
+            continue
         label = map_label(item.label, spec)
         if label is None:
             allowed = f"; allowed: {', '.join(spec.classes)}" if spec.classes else ""
             rejected.append((spec.name, item.uri, "unknown_label", f"label {item.label!r} is not a class of {spec.name}{allowed}"))
-        elif spec.source == "url_list" and item.uri in by_uri and by_uri[item.uri][1] == label:
+        elif is_http_url(item.uri) and item.uri in by_uri and by_uri[item.uri][1] == label:
             kept.setdefault(by_uri[item.uri][0], (item.uri, label))
             result.n_known += 1
         else:
