@@ -1,4 +1,3 @@
-import dataclasses
 import time
 
 import numpy as np
@@ -38,6 +37,9 @@ def test_population_based_training_perturbs_and_picks_a_trial_config(data_dir, t
     started = time.perf_counter()
     result = tune_hyperparameters(experiment, _data(), work_dir=tmp_path / "models", log=logs.append, num_cpus=2)
     print(f"PBT: {time.perf_counter() - started:.1f} s")
+    # the same tuning again: the stored result, no Ray
+    assert tune_hyperparameters(experiment, _data(), work_dir=tmp_path / "models", log=logs.append) == result
+    assert "already tuned" in logs[-1] and not ray.is_initialized()
     assert not ray.is_initialized()  # shut down again
     assert result.metric == "accuracy" and len(result.trials) == 2
     for trial in result.trials:

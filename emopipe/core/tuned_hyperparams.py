@@ -15,7 +15,9 @@ its temp and result folders live under the data dir. Needs the `tune` extra (ray
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,9 +29,11 @@ import torch
 from emopipe.catalog import ExperimentSpec
 from emopipe.core.device_data import DeviceBatches, InputPipeline, TrainStep, configure_cuda, pick_device
 from emopipe.core.models import weights_fingerprint
-from emopipe.core.trained_model import (TrainingData, _check_data, build_net, cached_features, evaluate,
-                                        extract_features, make_loss, make_optimizer, train_epoch, _Concat)
+from emopipe.core.trained_model import (TrainingData, _check_data, _Concat, build_net, cached_features, evaluate,
+                                        extract_features, make_loss, make_optimizer, train_epoch,
+                                        training_hyperparameters)
 from emopipe.errors import UserError
+from emopipe.fingerprint import params_hash
 from emopipe.paths import data_dir
 
 Log = Callable[[str], None]
@@ -49,6 +53,13 @@ class TuneResult:
     trials: list[dict]  # per trial: trial_id, config (final), val_metric, history (one dict per epoch)
     perturbations: int  # exploit/explore steps PBT made
 
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "TuneResult":
+        return cls(**json.loads(text))
+
 
 def search_space(experiment: ExperimentSpec, n_train: int) -> dict:
     """Ranges around the experiment's own values: lr and weight_decay a decade either way (log scale),
@@ -63,7 +74,9 @@ def search_space(experiment: ExperimentSpec, n_train: int) -> dict:
 
 def tune_hyperparameters(experiment: ExperimentSpec, data: TrainingData, *, work_dir: Path, log: Log = print,
                          num_cpus: int | None = None, feature_cache: Path | None = None) -> TuneResult:
-    """Run PBT for experiment.tune and return the best trial's hyperparameters and every trial's history."""
+    """Run PBT for experiment.tune and return the best trial's hyperparameters and every trial's history.
+    The result is kept as work_dir/pbt-<hash of experiment, tune settings, data>/result.json and
+    returned from there when the same tuning is asked for again."""
     if experiment.tune is None:
         raise ValueError(f"experiment {experiment.name!r} has no tune settings")
     try:
@@ -76,7 +89,13 @@ def tune_hyperparameters(experiment: ExperimentSpec, data: TrainingData, *, work
                         f"(pip install 'emopipe[tune]', or pip install 'ray[tune]')") from None
     _check_data(experiment, data)
     spec = experiment.tune
+    key = params_hash({"experiment": experiment.name, "tune": dataclasses.asdict(spec), "data": data.fingerprint(),
+                       **training_hyperparameters(experiment)})
     work_dir = Path(work_dir).resolve()
+    result_file = work_dir / f"pbt-{key}" / "result.json"
+    if result_file.is_file():
+        log(f"{experiment.name}: already tuned ({result_file})")
+        return TuneResult.from_json(result_file.read_text())
     metric_name = "accuracy" if experiment.task == "classification" else "mse"
     mode = "max" if metric_name == "accuracy" else "min"
     inputs = _probe_features(experiment, data, feature_cache or data_dir() / "features", log) \
@@ -84,15 +103,18 @@ def tune_hyperparameters(experiment: ExperimentSpec, data: TrainingData, *, work
     space = search_space(experiment, len(data.train_ids))
     scheduler = PopulationBasedTraining(
         time_attr="training_iteration", perturbation_interval=spec.perturbation_interval,
+        # synch: every trial reaches the interval before any exploits (a fair comparison, a reproducible order)
         hyperparam_mutations=space, quantile_fraction=spec.quantile_fraction, synch=True)
     num_cpus = num_cpus or os.cpu_count() or 1
     cpus_per_trial = max(1, num_cpus // spec.population)
-    gpus_per_trial = 1 / spec.population if torch.cuda.is_available() else 0  # the trials share one GPU
+    # The trials share the GPUs (one GPU: each gets 1/population of it, all train at once).
+    gpus_per_trial = min(1.0, torch.cuda.device_count() / spec.population) if torch.cuda.is_available() else 0
     started_here = not ray.is_initialized()
+    ray_temp, ray_temp_is_ours = _ray_temp_dir(log) if started_here else (None, False)
     if started_here:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage report to the internet
         ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
-                 _temp_dir=str(_ray_temp_dir(log)), log_to_driver=False, configure_logging=False)
+                 _temp_dir=str(ray_temp), log_to_driver=False, configure_logging=False)
     try:
         trainable = tune.with_resources(
             tune.with_parameters(_trial, experiment=experiment, data=data, features=inputs, threads=cpus_per_trial),
@@ -102,7 +124,7 @@ def tune_hyperparameters(experiment: ExperimentSpec, data: TrainingData, *, work
             tune_config=tune.TuneConfig(scheduler=scheduler, metric="val_metric", mode=mode, num_samples=spec.population,
                                         search_alg=BasicVariantGenerator(random_state=experiment.seed),
                                         reuse_actors=True),  # exploit: no new worker process, no re-import of torch
-            run_config=tune.RunConfig(name=f"pbt-{experiment.name}", storage_path=str(work_dir / "tune"),
+            run_config=tune.RunConfig(name="trials", storage_path=str(result_file.parent),
                                       stop={"training_iteration": spec.epochs}, verbose=0,
                                       # PBT may restore a trial from a peer's checkpoint one interval old: keep a few.
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=4)))
@@ -115,18 +137,25 @@ def tune_hyperparameters(experiment: ExperimentSpec, data: TrainingData, *, work
     finally:
         if started_here:
             ray.shutdown()
+        if ray_temp_is_ours:
+            shutil.rmtree(ray_temp, ignore_errors=True)
     trials = []
     for r in grid:
         history = [{k: _plain(v) for k, v in row.items() if k in HISTORY_KEYS} for row in r.metrics_dataframe.to_dict("records")]
-        trials.append({"trial_id": r.metrics["trial_id"], "config": _config(r.config), "val_metric": r.metrics["val_metric"],
+        trials.append({"trial_id": r.metrics["trial_id"], "config": _config(r.config), "val_metric": float(r.metrics["val_metric"]),
                        "history": history})
     better = max if mode == "max" else min
     best = better(trials, key=lambda t: t["val_metric"])
     perturbations = int(getattr(scheduler, "_num_perturbations", 0))
     log(f"{experiment.name}: PBT best val {metric_name} {best['val_metric']:.4f} with {best['config']} "
         f"({perturbations} perturbations)")
-    return TuneResult(best_config=best["config"], best_val=float(best["val_metric"]), metric=metric_name,
-                      trials=trials, perturbations=perturbations)
+    result = TuneResult(best_config=best["config"], best_val=float(best["val_metric"]), metric=metric_name,
+                        trials=trials, perturbations=perturbations)
+    result_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = result_file.with_name(f".result.{os.getpid()}.tmp")
+    tmp.write_text(result.to_json())
+    os.replace(tmp, result_file)
+    return result
 
 
 HISTORY_KEYS = ("epoch", "lr", "weight_decay", "batch_size", "train_loss", "val_loss", "val_metric", "restored_from")
@@ -140,15 +169,16 @@ def _plain(value):
     return value.item() if isinstance(value, np.generic) else value
 
 
-def _ray_temp_dir(log: Log) -> Path:
-    """<data dir>/ray, unless that path is too long for Ray's unix sockets: then a short folder in /tmp."""
+def _ray_temp_dir(log: Log) -> tuple[Path, bool]:
+    """(<data dir>/ray, False), unless that path is too long for Ray's unix sockets: then (a short
+    folder in /tmp, True: remove it after the run)."""
     path = data_dir().resolve() / "ray"
     if len(str(path)) <= RAY_TEMP_MAX_CHARS:
         path.mkdir(parents=True, exist_ok=True)
-        return path
+        return path, False
     short = Path(tempfile.mkdtemp(prefix="emopipe-ray-"))
-    log(f"Ray temp dir {short} (the data dir's path is too long for Ray's unix sockets)")
-    return short
+    log(f"Ray temp dir {short} (the data dir's path is too long for Ray's unix sockets; removed afterwards)")
+    return short, True
 
 
 def _probe_features(experiment: ExperimentSpec, data: TrainingData, cache: Path, log: Log) -> tuple[np.ndarray, np.ndarray]:
