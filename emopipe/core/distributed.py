@@ -64,9 +64,9 @@ def train_distributed(experiment: ExperimentSpec, data: TrainingData, *, split_i
     if finished is not None:
         log(f"{experiment.name}: already trained (run {run_dir.name}): model {finished.model_id}")
         return finished
-    use_cuda = device != "cpu" and torch.cuda.is_available()
     if device not in (None, "cpu"):
         raise ValueError(f"device: None or 'cpu', not {device!r} (each rank takes the GPU of its local rank)")
+    use_cuda = device != "cpu" and torch.cuda.is_available()
     if use_cuda and experiment.gpus > torch.cuda.device_count():
         raise TrainingError(f"experiment {experiment.name!r}: gpus: {experiment.gpus} but this machine has "
                             f"{torch.cuda.device_count()} CUDA GPU(s)")
