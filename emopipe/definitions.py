@@ -12,17 +12,19 @@ except CatalogError as e:
     raise CatalogError(str(e)) from None
 
 from emopipe.assets.evaluation import evaluation, lineage_verified
+from emopipe.assets.explanations import explanations
 from emopipe.assets.filtered_images import filtered_images
 from emopipe.assets.images import image_assets
 from emopipe.assets.raw_images import raw_images
 from emopipe.assets.splits import split_is_sound, splits
 from emopipe.assets.text_scores import text_detection_quality, text_scores
 from emopipe.assets.trained_model import trained_model
+from emopipe.assets.tuned_hyperparams import tuned_hyperparams
 from emopipe.automation import build_data_sensor, build_schedules
 from emopipe.db import CONNECTION_CONFIG
 from emopipe.paths import data_dir, db_path
 
-ASSETS = [raw_images, *image_assets, text_scores, filtered_images, splits, trained_model, evaluation]
+ASSETS = [raw_images, *image_assets, text_scores, filtered_images, splits, tuned_hyperparams, trained_model, evaluation, explanations]
 CHECKS = [text_detection_quality, split_is_sound, lineage_verified]
 
 # The whole chain for one experiment partition.

@@ -1,5 +1,7 @@
 """trained_model: a model trained on the split's train part, early-stopped on val, checkpoint named by sha256."""
 
+import dataclasses
+
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
@@ -16,7 +18,7 @@ OTHER_SIZES = [f"images_{s}" for s in CATALOG.image_sizes() if s not in (32, 224
     partitions_def=experiment_partitions,
     group_name="training",
     kinds={"pytorch", "timm"},
-    ins={"splits": dg.AssetIn()},
+    ins={"splits": dg.AssetIn(), "tuned_hyperparams": dg.AssetIn()},
     deps=OTHER_SIZES,
     # One training at a time per GPU: the `gpu` pool's limit is set in dagster.yaml.
     pool="gpu",
@@ -27,8 +29,12 @@ OTHER_SIZES = [f"images_{s}" for s in CATALOG.image_sizes() if s not in (32, 224
         "with a `models` row naming the split."
     ),
 )
-def trained_model(context: dg.AssetExecutionContext, duckdb: DuckDBResource, splits: dict) -> dg.Output[dict]:
+def trained_model(context: dg.AssetExecutionContext, duckdb: DuckDBResource, splits: dict, tuned_hyperparams: dict) -> dg.Output[dict]:
     exp = experiment(context)
+    if tuned_hyperparams["best_config"]:
+        # The tuned values become part of the spec: of the run key, the checkpoint and the models row.
+        exp = dataclasses.replace(exp, **tuned_hyperparams["best_config"])
+        context.log.info(f"training with the tuned hyperparameters {tuned_hyperparams['best_config']}")
     db = database(duckdb)
     classes = CATALOG.dataset(exp.dataset).classes
     with user_errors():

@@ -1,0 +1,45 @@
+"""tuned_hyperparams: population-based training (Ray Tune) of lr, weight_decay and batch_size, when the
+experiment sets `tune`; its best config is what trained_model trains with."""
+
+import dagster as dg
+from dagster_duckdb import DuckDBResource
+
+from emopipe.assets.common import CATALOG, database, experiment, experiment_partitions, markdown_table, user_errors
+from emopipe.core.trained_model import load_training_data
+from emopipe.paths import data_dir
+
+
+@dg.asset(
+    partitions_def=experiment_partitions,
+    group_name="training",
+    kinds={"ray", "pytorch"},
+    ins={"splits": dg.AssetIn()},
+    pool="gpu",
+    description=(
+        "Population-based training (Ray Tune PBT) over the split's train/val parts: a population of trials whose "
+        "bottom quantile copies a top trial's weights and perturbs lr, weight_decay and batch_size every "
+        "perturbation_interval epochs. Only for experiments with `tune`; others pass their catalog values through."
+    ),
+)
+def tuned_hyperparams(context: dg.AssetExecutionContext, duckdb: DuckDBResource, splits: dict) -> dg.Output[dict]:
+    exp = experiment(context)
+    if exp.tune is None:
+        return dg.Output({"best_config": None}, metadata={"tuned": False}, data_version=dg.DataVersion("not-tuned"))
+    # Ray is an optional extra (`pip install -e '.[tune]'`): imported only by experiments that tune.
+    from emopipe.core.tuned_hyperparams import tune_hyperparameters
+
+    classes = CATALOG.dataset(exp.dataset).classes
+    with user_errors():
+        data = load_training_data(database(duckdb), splits["split_id"], exp, classes=list(classes) if classes else None)
+        result = tune_hyperparameters(exp, data, work_dir=data_dir() / "tune", log=context.log.info)
+    trials = [[t["trial_id"], t["config"]["lr"], t["config"]["weight_decay"], t["config"]["batch_size"], round(t["val_metric"], 4)]
+              for t in result.trials]
+    metadata = {
+        "tuned": True,
+        "best_config": result.best_config,
+        f"best_val_{result.metric}": round(result.best_val, 4),
+        "perturbations": result.perturbations,
+        "trials": dg.MetadataValue.md(markdown_table(["trial", "lr (final)", "weight_decay", "batch_size", f"val {result.metric}"], trials)),
+    }
+    version = "-".join(f"{k}={v}" for k, v in sorted(result.best_config.items()))
+    return dg.Output({"best_config": result.best_config}, metadata=metadata, data_version=dg.DataVersion(version))
