@@ -79,6 +79,8 @@ def test_chain_is_recorded_and_model_learned(project):
     assert (n_other, excluded) == (8, 24)
     (n_test,) = query(root, "SELECT count(*) FROM predictions WHERE model_id = ? AND dataset = 'tiny' AND part = 'test'", [model_id])[0]
     assert n_test == parts["test"]
+    heatmaps = list((root / "data" / "reports").glob(f"tiny-{model_id[:12]}-ig/*.png"))
+    assert len(heatmaps) == 8  # one Integrated-Gradients overlay per class
 
 
 def test_trace_verifies_then_catches_a_replaced_checkpoint(project):
