@@ -35,7 +35,7 @@ class CatalogError(UserError):
 class TextThresholds:
     """When an image counts as containing text (see README, 'Text filter')."""
 
-    min_confidence: float = 0.4  # EasyOCR recognition confidence of the best box
+    min_confidence: float = 0.2  # EasyOCR often finds real text but reads it at 0.2-0.4 confidence
     min_area: float = 0.001  # fraction of the image covered by boxes that pass min_confidence
     min_chars: int = 2  # alphanumeric characters in the boxes that pass
 
