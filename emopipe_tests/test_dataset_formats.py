@@ -359,18 +359,22 @@ def test_webemo_url_lists_and_sadness_map(server, tmp_path, db, data_dir, photo_
 def test_builtin_study_entries():
     import timm
 
+    import emopipe.core.models  # noqa: F401  registers FractalNet in timm
+
     catalog = load_catalog()
     sources = {name: catalog.dataset(name).source for name in
                ("emoset", "emoset_parquet", "fi", "fi_urls", "emotic", "webemo", "unbiasedemo", "emotion6")}
     assert sources == {"emoset": "emoset", "emoset_parquet": "parquet", "fi": "folder", "fi_urls": "url_list",
                        "emotic": "emotic", "webemo": "webemo", "unbiasedemo": "folder", "emotion6": "folder"}
     references = {}
-    for name in ("emoset_vit", "fi_resnet32", "fi_probe32", "emotic_bbox_vad", "webemo_sadness_b0", "webemo_sadness_b2",
+    for name in ("emoset_vit", "fi_resnet32", "fi_probe32", "fi_probe32_lr1e4", "fi_fractalnet32", "emotic_bbox_vad",
+                 "webemo_sadness_b0", "webemo_sadness_b2",
                  "webemo_sadness_s", "webemo_sadness_xception", "webemo_sadness_xception_scratch"):
         exp = catalog.experiment(name)
         assert timm.is_model(exp.model), exp.model
         references[name] = exp.reference and exp.reference.value
-    assert references == {"emoset_vit": 78.40, "fi_resnet32": 58.3, "fi_probe32": None, "emotic_bbox_vad": 0.043,
+    assert references == {"emoset_vit": 78.40, "fi_resnet32": 58.3, "fi_probe32": 18.0, "fi_probe32_lr1e4": 18.0,
+                          "fi_fractalnet32": 13.0, "emotic_bbox_vad": 0.043,
                           "webemo_sadness_b0": 74.14, "webemo_sadness_b2": 74.18, "webemo_sadness_s": 75.57,
                           "webemo_sadness_xception": 72.53, "webemo_sadness_xception_scratch": 63.53}
     emotic = catalog.experiment("emotic_bbox_vad")
