@@ -119,7 +119,7 @@ class ExperimentSpec:
     label_smoothing: float = 0.0
     schedule: str = "cosine"
     patience: int = 5  # early stopping: epochs without validation improvement
-    head_hidden: int = 256  # linear_probe: width of the MLP head
+    head_hidden: int | tuple[int, ...] = 256  # linear_probe: hidden width(s) of the MLP head; [256, 128] = 3 layers
     compile: bool = False  # torch.compile on CUDA
     augment: bool = True  # random resized crop + horizontal flip on the device
     gpus: int = 1  # >1: DistributedDataParallel over that many processes per node (torchrun)
@@ -346,6 +346,14 @@ def _dataset(name: str, entry: dict, file: Path) -> DatasetSpec:
 EXPERIMENT_KEYS = {f.name for f in fields(ExperimentSpec)} - {"name", "origin"}
 
 
+def _head_hidden(e: _Entry) -> int | tuple[int, ...]:
+    value = e.entry.get("head_hidden", 256)
+    widths = value if isinstance(value, list) else [value]
+    if not widths or not all(isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in widths):
+        e.fail(f"expected a width or a list of widths, got {value!r}", "head_hidden", ["256", "[256, 128]"])
+    return value if isinstance(value, int) else tuple(value)
+
+
 def _experiment(name: str, entry: dict, file: Path, datasets: dict[str, DatasetSpec]) -> ExperimentSpec:
     e = _Entry(file, f"experiments.{name}", entry, EXPERIMENT_KEYS)
     dataset = e.get("dataset", str, choices=sorted(datasets), required=True)
@@ -411,7 +419,7 @@ def _experiment(name: str, entry: dict, file: Path, datasets: dict[str, DatasetS
         label_smoothing=e.get("label_smoothing", float, 0.0),
         schedule=e.get("schedule", str, "cosine", SCHEDULES),
         patience=e.get("patience", int, 5),
-        head_hidden=e.get("head_hidden", int, 256),
+        head_hidden=_head_hidden(e),
         compile=e.get("compile", bool, False),
         augment=e.get("augment", bool, True),
         gpus=e.get("gpus", int, 1),

@@ -44,6 +44,7 @@ def test_user_catalog_merges_over_builtin(tmp_path):
     catalog = load_catalog(path)
     assert set(catalog.experiments) >= {"demo", "mine_fi"}
     assert catalog.experiment("demo").epochs == 1  # the user's entry wins
+    assert catalog.experiment("fi_probe32").head_hidden == (256, 128) and catalog.experiment("demo").head_hidden == 256
     exp = catalog.experiment("mine_fi")
     assert exp.datasets == ("mine", "demo", "demo")
     assert exp.eval_datasets[1].class_map == {"sadness": "sad", "*": "happy"}
@@ -65,6 +66,7 @@ def test_catalog_from_environment(tmp_path, monkeypatch):
         ("experiments:\n  x:\n    dataset: demo\n    mode: frozen\n", "experiments.x.mode", "finetune, linear_probe"),
         ("experiments:\n  x:\n    dataset: demo\n    optimiser: sgd\n", "experiments.x", "optimizer"),
         ("experiments:\n  x:\n    dataset: demo\n    epochs: ten\n", "experiments.x.epochs", None),
+        ("experiments:\n  x:\n    dataset: demo\n    head_hidden: [256, 0]\n", "experiments.x.head_hidden", "[256, 128]"),
         ("experiments:\n  x:\n    dataset: demo\n    pretrained: /no/such.pt\n", "experiments.x.pretrained", "efficientnet_lite0"),
         ("experiments:\n  x:\n    dataset: demo\n    task: regression\n", "experiments.x.targets", None),
         ("datasets:\n  d:\n    source: ftp\n", "datasets.d.source", "synthetic, folder, archive, url_list"),

@@ -143,6 +143,15 @@ def test_study_runs_end_to_end(studies, experiment):
     assert (experiment.split("_")[0], "test", metric) in rows
     if experiment.startswith("webemo"):  # cross-dataset tests, mapped to sadness vs others
         assert {("unbiasedemo", "test", "accuracy"), ("emotion6", "test", "accuracy")} <= set(rows)
+    if experiment.startswith("fi_probe32"):  # the study's 3-layer softmax head on frozen features
+        import torch
+
+        from emopipe.core.trained_model import load_checkpoint
+
+        with duckdb.connect(str(root / "data" / "emopipe.duckdb"), read_only=True) as conn:
+            (checkpoint,) = conn.execute("SELECT checkpoint_path FROM models WHERE experiment = ?", [experiment]).fetchone()
+        model, _ = load_checkpoint(checkpoint)
+        assert sum(isinstance(m, torch.nn.Linear) for m in model.head.modules()) == 3
     if experiment == "emotic_bbox_vad":
         with duckdb.connect(str(root / "data" / "emopipe.duckdb"), read_only=True) as conn:
             reasons = conn.execute("SELECT reason FROM rejected WHERE dataset = 'emotic'").fetchall()

@@ -29,7 +29,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import timm
@@ -211,12 +211,15 @@ class EmotionNet(nn.Module):
         return self.head(self.backbone(x))
 
 
-def make_head(mode: str, task: str, num_features: int, num_outputs: int, hidden: int) -> nn.Sequential:
+def make_head(mode: str, task: str, num_features: int, num_outputs: int, hidden: int | Sequence[int]) -> nn.Sequential:
     """finetune: one linear layer; linear_probe: standardized features -> MLP. A regression head ends in
     Destandardize with its last linear layer zeroed, so it starts by predicting the training mean."""
     if mode == "linear_probe":
-        layers = [Standardize(num_features), nn.Linear(num_features, hidden), nn.ReLU(),
-                  nn.Dropout(HEAD_DROPOUT), nn.Linear(hidden, num_outputs)]
+        layers, width = [Standardize(num_features)], num_features
+        for hidden_width in ([hidden] if isinstance(hidden, int) else hidden):
+            layers += [nn.Linear(width, hidden_width), nn.ReLU(), nn.Dropout(HEAD_DROPOUT)]
+            width = hidden_width
+        layers.append(nn.Linear(width, num_outputs))
     else:
         layers = [nn.Linear(num_features, num_outputs)]
     if task == "regression":
@@ -227,7 +230,7 @@ def make_head(mode: str, task: str, num_features: int, num_outputs: int, hidden:
 
 
 def build_net(architecture: str, *, image_size: int, pretrained: str, mode: str, task: str, num_outputs: int,
-              head_hidden: int) -> tuple[EmotionNet, Normalization, int]:
+              head_hidden: int | Sequence[int]) -> tuple[EmotionNet, Normalization, int]:
     """(network, input normalization, backbone feature width)."""
     backbone, norm = create_model(architecture, num_outputs=0, image_size=image_size, pretrained=pretrained)
     was_training = backbone.training
