@@ -230,3 +230,13 @@ def test_confusion_png_is_a_readable_image(tmp_path):
         colours = np.asarray(image.convert("RGB"))
     assert (colours.std(axis=(0, 1)) > 10).all()  # a drawing, not a blank canvas
     assert list(tmp_path.joinpath("plots").iterdir()) == [path]  # no temporary file left behind
+
+
+def test_box_and_vad_are_also_reported_as_groups():
+    names = ["box_x1", "box_y1", "valence", "arousal"]
+    targets = np.array([[0.0, 0.0, 0.5, 0.5], [1.0, 1.0, 0.5, 0.5]])
+    preds = np.array([[0.5, 0.5, 0.5, 0.5], [1.0, 1.0, 0.7, 0.9]])
+    rows = {(r.metric, r.class_name): r.value for r in regression_metrics(targets, preds, names, resamples=0)}
+    assert rows[("mse", "box")] == pytest.approx((0.25 + 0.25) / 4)
+    assert rows[("mse", "vad")] == pytest.approx((0.04 + 0.16) / 4)
+    assert rows[("mse", None)] == pytest.approx((0.5 + 0.2) / 8)

@@ -155,4 +155,7 @@ def test_study_runs_end_to_end(studies, experiment):
     if experiment == "emotic_bbox_vad":
         with duckdb.connect(str(root / "data" / "emopipe.duckdb"), read_only=True) as conn:
             reasons = conn.execute("SELECT reason FROM rejected WHERE dataset = 'emotic'").fetchall()
+            groups = conn.execute("SELECT class FROM metrics WHERE experiment = ? AND part = 'test' AND metric = 'mse' "
+                                  "AND class IN ('box', 'vad')", [experiment]).fetchall()
         assert reasons == [("multiple_persons",)]
+        assert sorted(groups) == [("box",), ("vad",)]  # the study's box MSE and VAD MSE, beside the total

@@ -208,7 +208,22 @@ def regression_metrics(
     for j, name in enumerate(names):
         rows += [MetricRow(m, float(target_means[m][j]), name, n=int(per_target[j])) for m in errors]
         rows.append(MetricRow("pearson_r", pearson_r(t[:, j], p[:, j]), name, n=int(per_target[j])))
+    for group, columns in target_groups(names).items():
+        count = per_target[columns].sum()
+        rows += [MetricRow(m, float(e[:, columns].sum() / count) if count else float("nan"), group,
+                           n=int((finite[:, columns].any(1)).sum())) for m, e in errors.items()]
     return rows
+
+
+VAD = ("valence", "arousal", "dominance")
+
+
+def target_groups(names: Sequence[str]) -> dict[str, list[int]]:
+    """Targets reported together as well as one by one, as the EMOTIC study did: the body box
+    (box_*) and valence/arousal/dominance ("vad"), each when it has at least two columns."""
+    groups = {"box": [j for j, n in enumerate(names) if n.startswith("box_")],
+              "vad": [j for j, n in enumerate(names) if n in VAD]}
+    return {g: cols for g, cols in groups.items() if len(cols) >= 2 and g not in names}
 
 
 def map_labels(labels: Sequence[str | None], classes: Sequence[str], class_map: Mapping[str, str] | None = None) -> np.ndarray:
