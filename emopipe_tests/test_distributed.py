@@ -4,7 +4,6 @@ interrupted and resumed, compared with a single-process run on the same data."""
 import dataclasses
 import json
 
-import numpy as np
 import pytest
 import torch
 

@@ -36,11 +36,11 @@ def trained_model(context: dg.AssetExecutionContext, duckdb: DuckDBResource, spl
         exp = dataclasses.replace(exp, **tuned_hyperparams["best_config"])
         context.log.info(f"training with the tuned hyperparameters {tuned_hyperparams['best_config']}")
     db = database(duckdb)
-    classes = CATALOG.dataset(exp.dataset).classes
     with user_errors():
-        data = load_training_data(db, splits["split_id"], exp, classes=list(classes) if classes else None)
+        data = training_data(db, exp, splits["split_id"])
         train = train_distributed if world_size(exp) > 1 else train_model  # gpus x nodes > 1: torchrun subprocess
         result = train(exp, data, split_id=splits["split_id"], work_dir=data_dir() / "models", log=context.log.info)
+    # A split's id is its fingerprint (sha256 over its sorted (image_id, part) rows).
     record_model(db, result, exp, splits["split_id"], split_fingerprint=splits["split_id"])
     history = [[h["epoch"], _fmt(h.get("train_loss")), _fmt(h.get("train_metric")), _fmt(h.get("val_loss")), _fmt(h.get("val_metric"))]
                for h in result.history]
@@ -65,6 +65,12 @@ def trained_model(context: dg.AssetExecutionContext, duckdb: DuckDBResource, spl
     }
     handle = {"model_id": result.model_id, "checkpoint_path": str(result.checkpoint_path), "split_id": splits["split_id"]}
     return dg.Output(handle, metadata=metadata, data_version=dg.DataVersion(result.model_id))
+
+
+def training_data(db, exp, split_id: str):
+    """The split's train/val arrays and targets, in the dataset's declared class order when it has one."""
+    classes = CATALOG.dataset(exp.dataset).classes
+    return load_training_data(db, split_id, exp, classes=list(classes) if classes else None)
 
 
 def _fmt(value) -> str:

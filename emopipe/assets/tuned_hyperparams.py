@@ -4,8 +4,8 @@ experiment sets `tune`; its best config is what trained_model trains with."""
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
-from emopipe.assets.common import CATALOG, database, experiment, experiment_partitions, markdown_table, user_errors
-from emopipe.core.trained_model import load_training_data
+from emopipe.assets.common import database, experiment, experiment_partitions, markdown_table, user_errors
+from emopipe.assets.trained_model import training_data
 from emopipe.paths import data_dir
 
 
@@ -28,9 +28,8 @@ def tuned_hyperparams(context: dg.AssetExecutionContext, duckdb: DuckDBResource,
     # Ray is an optional extra (`pip install -e '.[tune]'`): imported only by experiments that tune.
     from emopipe.core.tuned_hyperparams import tune_hyperparameters
 
-    classes = CATALOG.dataset(exp.dataset).classes
     with user_errors():
-        data = load_training_data(database(duckdb), splits["split_id"], exp, classes=list(classes) if classes else None)
+        data = training_data(database(duckdb), exp, splits["split_id"])
         result = tune_hyperparameters(exp, data, work_dir=data_dir() / "tune", log=context.log.info)
     trials = [[t["trial_id"], t["config"]["lr"], t["config"]["weight_decay"], t["config"]["batch_size"], round(t["val_metric"], 4)]
               for t in result.trials]
