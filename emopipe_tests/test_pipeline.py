@@ -31,6 +31,9 @@ experiments:
     mode: linear_probe
     epochs: 15
     reference: {metric: accuracy, value: 50.0, source: "made up for the test"}
+  tiny_blind:
+    dataset: tiny
+    text_thresholds: {min_chars: 1000}  # deliberately bad: no image can pass, recall 0
 """
 
 
@@ -103,3 +106,18 @@ def test_trace_verifies_then_catches_a_replaced_checkpoint(project):
     bad = subprocess.run([sys.executable, "-m", "emopipe.cli", "trace", "tiny", "--verify"], env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1
     assert "checkpoint" in bad.stderr and "VERIFY FAILED" in bad.stderr
+
+
+def test_bad_threshold_fails_the_blocking_text_check(project):
+    """Through Dagster: the quality check reads the materialization's decisions, fails loudly, and nothing
+    downstream is built from them; the new threshold re-decided from stored boxes without new OCR."""
+    root, env, _ = project
+    (n_ocr,) = query(root, "SELECT count(*) FROM ocr_results")[0]
+    run = subprocess.run(["dagster", "asset", "materialize", "-m", "emopipe.definitions", "--select",
+                          "raw_images,images_224,text_scores,filtered_images", "--partition", "tiny_blind"],
+                         env=env, capture_output=True, text=True, timeout=600, cwd=root)
+    output = run.stdout + run.stderr
+    assert run.returncode != 0, output[-3000:]
+    assert "precision nan, recall 0.000" in output and "text_detection_quality" in output
+    assert query(root, "SELECT count(*) FROM filter_runs WHERE experiment = 'tiny_blind'")[0][0] == 0
+    assert query(root, "SELECT count(*) FROM ocr_results")[0][0] == n_ocr

@@ -14,8 +14,8 @@ from emopipe.catalog import TextThresholds
 from emopipe.core.filtered_images import MissingTextScores, filter_images, kept_image_ids
 from emopipe.core.synthetic import render, synthetic_listing
 from emopipe.core.text_scores import (
-    DEFAULT_OCR_SIZE, OcrOutput, decide, load_for_ocr, make_reader, ocr_engine, score_params, score_text,
-    text_quality,
+    DEFAULT_OCR_SIZE, OcrOutput, decide, detector_precision, load_for_ocr, make_reader, ocr_engine, score_params,
+    score_text, text_quality,
 )
 from emopipe.db import Database
 from emopipe_tests.conftest import encode
@@ -23,6 +23,7 @@ from emopipe.fingerprint import sha256_bytes
 from emopipe.paths import object_path
 
 DEFAULTS = TextThresholds()
+PRECISION = detector_precision("cpu")  # what the stage itself uses on this machine's CPU
 
 
 class CountingReader:
@@ -74,9 +75,9 @@ class Store:
             return [r[0] for r in conn.execute(
                 "SELECT image_id FROM images WHERE dataset = ? ORDER BY source_uri", [dataset]).fetchall()]
 
-    def score(self, reader, thresholds=DEFAULTS, dataset="t", **kw):
+    def score(self, reader, thresholds=DEFAULTS, dataset="t", precision=PRECISION, **kw):
         return score_text(self.db, self.ids(dataset), thresholds, objects_root=self.objects, work_dir=self.root,
-                          reader_factory=lambda: reader, log=lambda _: None, **kw)
+                          device="cpu", precision=precision, reader_factory=lambda: reader, log=lambda _: None, **kw)
 
     def scores(self, params_hash):
         with self.db.connect() as conn:
@@ -86,7 +87,7 @@ class Store:
 
 @pytest.fixture(scope="module")
 def reader(tmp_path_factory):
-    return CountingReader(make_reader(False, tmp_path_factory.mktemp("ocr")))
+    return CountingReader(make_reader(False, tmp_path_factory.mktemp("ocr"), PRECISION))
 
 
 def _synthetic(has_text: bool, n: int):
@@ -179,8 +180,8 @@ def test_missing_object_is_retried_once_it_is_stored(tmp_path, reader, photos):
 
 
 def test_filter_keeps_images_without_text(store):
-    key, params = score_params(DEFAULTS)
-    assert key == store.first.params_hash
+    key, params = store.first.params_hash, store.first.params
+    assert score_params(DEFAULTS, DEFAULT_OCR_SIZE, PRECISION) == (key, params)
     on = filter_images(store.db, experiment="e1", dataset="t", text_filter=True, params_hash=key, params=params)
     no_text = sorted(i for i, t in store.truth.items() if t is False and i in store.ids())
     assert kept_image_ids(store.db, on.filter_id) == no_text
@@ -202,7 +203,7 @@ def test_filter_keeps_images_without_text(store):
 
 
 def test_filter_refuses_images_without_scores(store):
-    key, params = score_params(TextThresholds(min_chars=5))  # never scored
+    key, params = score_params(TextThresholds(min_chars=5), DEFAULT_OCR_SIZE, PRECISION)  # never scored
     with pytest.raises(MissingTextScores, match="12 of 12 images of dataset 't'"):
         filter_images(store.db, experiment="e", dataset="t", text_filter=True, params_hash=key, params=params)
 
@@ -271,4 +272,23 @@ def test_worker_processes_agree_with_one_reader(store, tmp_path):
     assert (result.workers, result.n_ocr_run, result.n_has_text) == (2, 2, 1)
     assert {i: v[0] for i, v in s.scores(result.params_hash).items()} == {i: store.truth[i] for i in s.ids()}
     with s.db.connect() as conn:
-        assert conn.execute("SELECT count(*) FROM ocr_results WHERE engine = ?", [ocr_engine(DEFAULT_OCR_SIZE)]).fetchone()[0] == 2
+        assert conn.execute("SELECT count(*) FROM ocr_results WHERE engine = ?", [ocr_engine(DEFAULT_OCR_SIZE, PRECISION)]).fetchone()[0] == 2
+
+
+def test_bf16_detector_decides_as_fp32_and_is_cached_apart(store, tmp_path):
+    """The bf16 detector (the default on CPUs with native bf16) against EasyOCR's own fp32, on the
+    captioned, plain, scanned and synthetic images of the store."""
+    s = Store(tmp_path)
+    for name, image_id in store.names.items():
+        if name != "corrupt" and image_id in store.ids("t"):
+            s.add("t", name, object_path(image_id, store.objects).read_bytes(), "joy", store.truth[image_id])
+    results = {}
+    for precision in ("fp32", "bf16"):
+        reader = CountingReader(make_reader(False, tmp_path / precision, precision))
+        results[precision] = s.score(reader, precision=precision)
+        assert reader.calls == len(s.ids()) == 11
+    fp32, bf16 = (s.scores(results[p].params_hash) for p in ("fp32", "bf16"))
+    assert fp32 == bf16 == {i: (store.truth[i], None) for i in s.ids()}
+    assert results["fp32"].params["engine"] == ocr_engine(DEFAULT_OCR_SIZE) != results["bf16"].params["engine"]
+    with s.db.connect() as conn:
+        assert conn.execute("SELECT count(DISTINCT engine) FROM ocr_results").fetchone()[0] == 2

@@ -5,8 +5,10 @@ import math
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
-from emopipe.assets.common import CATALOG, database, experiment, experiment_partitions, markdown_table, user_errors
-from emopipe.core.text_scores import score_params, score_text, text_quality
+from emopipe.assets.common import (
+    CATALOG, database, experiment, experiment_partitions, markdown_table, recorded_metadata, user_errors,
+)
+from emopipe.core.text_scores import score_text, text_quality
 from emopipe.paths import data_dir, objects_dir
 
 MIN_PRECISION = MIN_RECALL = 0.95
@@ -35,11 +37,11 @@ def text_scores(context: dg.AssetExecutionContext, duckdb: DuckDBResource, raw_i
                          metadata={"text_filter": False}, data_version=dg.DataVersion("no-filter"))
     db = database(duckdb)
     thresholds = CATALOG.thresholds(exp)
-    params_hash, params = score_params(thresholds)
     with db.connect() as conn:
         ids = [r[0] for r in conn.execute("SELECT image_id FROM images WHERE dataset = ? ORDER BY image_id", [exp.dataset]).fetchall()]
     with user_errors():
         result = score_text(db, ids, thresholds, objects_root=objects_dir(), work_dir=data_dir(), log=context.log.info)
+    params_hash, params = result.params_hash, result.params
     metadata = {
         "params_hash": params_hash,
         "params": params,
@@ -66,7 +68,9 @@ def text_detection_quality(context: dg.AssetCheckExecutionContext, duckdb: DuckD
     exp = experiment(context)
     if not exp.text_filter:
         return dg.AssetCheckResult(passed=True, metadata={"measured": False}, description="text_filter is off")
-    params_hash, _ = score_params(CATALOG.thresholds(exp))
+    # The decisions this partition's materialization made (its engine depends on the machine's device
+    # and precision), not whatever this process would compute.
+    params_hash = recorded_metadata(context, "text_scores")["params_hash"]
     q = text_quality(database(duckdb), exp.dataset, params_hash)
     if q["n"] == 0:
         return dg.AssetCheckResult(passed=True, metadata={"measured": False},

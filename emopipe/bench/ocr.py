@@ -57,13 +57,14 @@ def main(argv: list[str]) -> int:
         workers = args.workers or default_workers()
         stage = _stage(root / "cpu", root / "objects", ids, args.size, "cpu", workers)
         print(f"text_scores stage, {stage.workers} CPU workers: {stage.images_per_second:6.2f} images/s  "
-              f"(worker start-up counted)  ratio {stage.images_per_second / plain:.2f}x")
+              f"(worker start-up counted; engine {stage.params['engine']})  ratio {stage.images_per_second / plain:.2f}x")
         if torch.cuda.is_available():
             gpu = _stage(root / "cuda", root / "objects", ids, args.size, "cuda", 1)
             print(f"text_scores stage, GPU:           {gpu.images_per_second:6.2f} images/s  "
                   f"ratio {gpu.images_per_second / plain:.2f}x")
         print(json.dumps({"n": len(ids), "size": args.size, "plain_images_per_second": round(plain, 3),
-                          "stage_images_per_second": round(stage.images_per_second, 3), "workers": stage.workers}))
+                          "stage_images_per_second": round(stage.images_per_second, 3), "workers": stage.workers,
+                          "engine": stage.params["engine"]}))
     return 0
 
 
