@@ -44,13 +44,13 @@ from emopipe.db import Database
 from emopipe.fingerprint import params_hash as hash_params
 from emopipe.paths import object_path
 
-# Longer side of the OCR input. Measured with EasyOCR 1.7.2 on CPU, on 53 real photos with text (13
-# skimage photos upscaled to 1024 px with a caption banner at 1/20 and 1/32 of the side, meme text, a
-# faint watermark; plus the "page" scan) and the 13 photos without: at thresholds 0.2/0.001/2 the recall
-# was 48/53 at 320 px, 49 at 384, 50 at 480, 53 at 640 (the misses: faint semi-transparent watermarks),
-# with no false positive at any size, for a time per image of 1 : 1.3 : 2.1 at 384 : 480 : 640. On the
-# synthetic demo 384 px finds all 80 text images (P = R = 1.0). 384 keeps the demo fast; datasets with
-# small text want 480-640.
+# Longer side of the OCR input. Measured with EasyOCR 1.7.2 on CPU at thresholds 0.2/0.001/2, on 13
+# skimage photos upscaled to 1024 px, each with a caption banner at 1/20 and at 1/32 of the side, meme text
+# and a faint semi-transparent watermark (52 with text, plus the "page" and "text" photos) and the 13
+# plain ones: 384 px found 49/54, missing 4 faint watermarks and skimage's "text", with no false positive;
+# 320 px also missed 10 of the 13 small captions. Earlier runs: 480 px finds one more watermark, 640 px all,
+# at 1.3x and 2.1x the time of 384. On the synthetic demo 384 px finds all 80 text images (P = R = 1.0).
+# 384 keeps the demo fast; datasets with small or faint text want 480-640.
 DEFAULT_OCR_SIZE = 384
 READER_BYTES = int(1.5 * 2**30)  # a CPU reader's resident memory (~1.3 GB measured) plus headroom
 FLUSH_EVERY = 64  # images per write transaction, so a killed run keeps its finished work
