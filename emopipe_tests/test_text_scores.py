@@ -181,7 +181,7 @@ def test_missing_object_is_retried_once_it_is_stored(tmp_path, reader, photos):
 
 def test_filter_keeps_images_without_text(store):
     key, params = store.first.params_hash, store.first.params
-    assert score_params(DEFAULTS, DEFAULT_OCR_SIZE, PRECISION) == (key, params)
+    assert score_params(DEFAULTS, DEFAULT_OCR_SIZE, "cpu", PRECISION) == (key, params)
     on = filter_images(store.db, experiment="e1", dataset="t", text_filter=True, params_hash=key, params=params)
     no_text = sorted(i for i, t in store.truth.items() if t is False and i in store.ids())
     assert kept_image_ids(store.db, on.filter_id) == no_text
@@ -203,7 +203,7 @@ def test_filter_keeps_images_without_text(store):
 
 
 def test_filter_refuses_images_without_scores(store):
-    key, params = score_params(TextThresholds(min_chars=5), DEFAULT_OCR_SIZE, PRECISION)  # never scored
+    key, params = score_params(TextThresholds(min_chars=5), DEFAULT_OCR_SIZE, "cpu", PRECISION)  # never scored
     with pytest.raises(MissingTextScores, match="12 of 12 images of dataset 't'"):
         filter_images(store.db, experiment="e", dataset="t", text_filter=True, params_hash=key, params=params)
 
@@ -272,7 +272,7 @@ def test_worker_processes_agree_with_one_reader(store, tmp_path):
     assert (result.workers, result.n_ocr_run, result.n_has_text) == (2, 2, 1)
     assert {i: v[0] for i, v in s.scores(result.params_hash).items()} == {i: store.truth[i] for i in s.ids()}
     with s.db.connect() as conn:
-        assert conn.execute("SELECT count(*) FROM ocr_results WHERE engine = ?", [ocr_engine(DEFAULT_OCR_SIZE, PRECISION)]).fetchone()[0] == 2
+        assert conn.execute("SELECT count(*) FROM ocr_results WHERE engine = ?", [ocr_engine(DEFAULT_OCR_SIZE, "cpu", PRECISION)]).fetchone()[0] == 2
 
 
 def test_bf16_detector_decides_as_fp32_and_is_cached_apart(store, tmp_path):
@@ -289,6 +289,6 @@ def test_bf16_detector_decides_as_fp32_and_is_cached_apart(store, tmp_path):
         assert reader.calls == len(s.ids()) == 11
     fp32, bf16 = (s.scores(results[p].params_hash) for p in ("fp32", "bf16"))
     assert fp32 == bf16 == {i: (store.truth[i], None) for i in s.ids()}
-    assert results["fp32"].params["engine"] == ocr_engine(DEFAULT_OCR_SIZE) != results["bf16"].params["engine"]
+    assert results["fp32"].params["engine"] == ocr_engine(DEFAULT_OCR_SIZE, "cpu", "fp32") != results["bf16"].params["engine"]
     with s.db.connect() as conn:
         assert conn.execute("SELECT count(DISTINCT engine) FROM ocr_results").fetchone()[0] == 2

@@ -16,8 +16,8 @@ Two cache levels, so OCR never runs twice on an image:
 
 Where the work runs: one GPU reader when CUDA is there; otherwise one reader per worker process
 (spawned; torch threads split among them), as many as the cores and memory (READER_BYTES each) allow.
-On a CPU with native bfloat16 the text detector runs in bf16 (see detector_precision); the
-precision is part of the engine, so fp32 and bf16 boxes are cached apart.
+On a CPU with native bfloat16 the text detector runs in bf16 (see detector_precision). Device and
+precision are part of the engine, so boxes from different arithmetic are cached apart.
 """
 
 from __future__ import annotations
@@ -97,14 +97,15 @@ class TextScoreResult:
     device: str
 
 
-def ocr_engine(ocr_size: int, precision: str = "fp32") -> str:
-    """The ocr_results cache key: what determines the raw boxes."""
-    return f"easyocr-{easyocr.__version__}-{ocr_size}px" + ("" if precision == "fp32" else f"-{precision}")
+def ocr_engine(ocr_size: int, device: str, precision: str) -> str:
+    """The ocr_results cache key: what determines the raw boxes. The device is part of it because
+    EasyOCR quantizes its recognizer to int8 on CPU only; the precision is the detector's."""
+    return f"easyocr-{easyocr.__version__}-{ocr_size}px-{device}-{precision}"
 
 
-def score_params(thresholds: TextThresholds, ocr_size: int = DEFAULT_OCR_SIZE, precision: str = "fp32") -> tuple[str, dict]:
+def score_params(thresholds: TextThresholds, ocr_size: int, device: str, precision: str) -> tuple[str, dict]:
     """(params_hash, params): the text_scores key of a decision."""
-    params = {"engine": ocr_engine(ocr_size, precision), "ocr_size": ocr_size, **thresholds.as_dict()}
+    params = {"engine": ocr_engine(ocr_size, device, precision), "ocr_size": ocr_size, **thresholds.as_dict()}
     return hash_params(params), params
 
 
@@ -310,8 +311,8 @@ def score_text(
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     precision = precision or detector_precision(device)
-    engine = ocr_engine(ocr_size, precision)
-    key, params = score_params(thresholds, ocr_size, precision)
+    engine = ocr_engine(ocr_size, device, precision)
+    key, params = score_params(thresholds, ocr_size, device, precision)
     with db.connect() as conn:
         decided = {r[0] for r in conn.execute(
             "SELECT image_id FROM text_scores WHERE params_hash = $1 AND has_text IS NOT NULL"
