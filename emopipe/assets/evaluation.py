@@ -1,28 +1,20 @@
 """evaluation: the model's metrics on the test (and val) part and on each cross-dataset test set."""
 
-import json
-
 import dagster as dg
-import numpy as np
 from dagster_duckdb import DuckDBResource
 
-from emopipe.assets.common import CATALOG, database, experiment, experiment_partitions, png_markdown, recorded_metadata
-from emopipe.core.evaluation import comparison_markdown, confusion_from_rows, confusion_png, headline_markdown, write_evaluation
+from emopipe.assets.common import (
+    CATALOG, database, experiment, experiment_partitions, png_markdown, recorded_metadata, user_errors,
+)
+from emopipe.core.evaluation import (
+    comparison_markdown, confusion_from_rows, confusion_png, evaluated_images, headline_markdown, regression_targets,
+    write_evaluation,
+)
 from emopipe.core.images import load_array
 from emopipe.core.trace import verify
 from emopipe.core.trained_model import load_checkpoint, predict
 from emopipe.fingerprint import sha256_file
 from emopipe.paths import data_dir, objects_dir
-
-
-def evaluated_images(db, dataset: str, split_id: str | None, part: str) -> list[tuple[str, str, str]]:
-    """(image_id, label, attributes) of a split part, or of the whole dataset when split_id is None."""
-    with db.connect() as conn:
-        if split_id is None:
-            return conn.execute("SELECT image_id, label, attributes FROM images WHERE dataset = ? ORDER BY image_id", [dataset]).fetchall()
-        return conn.execute(
-            "SELECT i.image_id, i.label, i.attributes FROM splits s JOIN images i ON i.image_id = s.image_id AND i.dataset = ? "
-            "WHERE s.split_id = ? AND s.part = ? ORDER BY i.image_id", [dataset, split_id, part]).fetchall()
 
 
 @dg.asset(
@@ -50,21 +42,22 @@ def evaluation(context: dg.AssetExecutionContext, duckdb: DuckDBResource, traine
     jobs = [(exp.dataset, split_id, part, None) for part in ("test", "val")]
     jobs += [(e.dataset, None, "test", e.class_map) for e in exp.eval_datasets]
     rows = []
-    for dataset, part_of, part, class_map in jobs:
-        images = evaluated_images(db, dataset, part_of, part)
-        if not images:
-            context.log.warning(f"{dataset}/{part}: no images to evaluate")
-            continue
-        ids = [i for i, _, _ in images]
-        scores = predict(model, info, load_array(db, ids, info["image_size"]))
-        if exp.task == "regression":
-            labels = np.array([[json.loads(a or "{}").get(t, np.nan) for t in names] for _, _, a in images], dtype=np.float64)
-        else:
-            labels = [label for _, label, _ in images]
-        rows += write_evaluation(db, experiment=exp.name, model_id=trained_model["model_id"], split_id=split_id, dataset=dataset,
-                                 part=part, image_ids=ids, labels=labels, scores=scores, classes=names, task=exp.task,
-                                 class_map=class_map)
-        context.log.info(f"{dataset}/{part}: evaluated {len(ids)} images")
+    with user_errors():  # a class_map or target the dataset cannot satisfy
+        for dataset, part_of, part, class_map in jobs:
+            images = evaluated_images(db, dataset, part_of, part)
+            if not images:
+                context.log.warning(f"{dataset}/{part}: no images to evaluate")
+                continue
+            ids = [i for i, _, _ in images]
+            scores = predict(model, info, load_array(db, ids, info["image_size"]))
+            if exp.task == "regression":
+                labels = regression_targets(images, names)
+            else:
+                labels = [label for _, label, _ in images]
+            rows += write_evaluation(db, experiment=exp.name, model_id=trained_model["model_id"], split_id=split_id, dataset=dataset,
+                                     part=part, image_ids=ids, labels=labels, scores=scores, classes=names, task=exp.task,
+                                     class_map=class_map)
+            context.log.info(f"{dataset}/{part}: evaluated {len(ids)} images")
     headline = headline_markdown(rows, exp.reference, reference_dataset=exp.dataset)
     metadata = {
         "model_id": trained_model["model_id"],

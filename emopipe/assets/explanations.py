@@ -4,7 +4,7 @@ import dagster as dg
 from dagster_duckdb import DuckDBResource
 
 from emopipe.assets.common import database, experiment, experiment_partitions, png_markdown
-from emopipe.assets.evaluation import evaluated_images
+from emopipe.core.evaluation import evaluated_images
 from emopipe.core.explanations import caption, explain, overlay_png, select_samples
 from emopipe.core.images import load_array
 from emopipe.core.trained_model import load_checkpoint, predict

@@ -242,8 +242,36 @@ def map_labels(labels: Sequence[str | None], classes: Sequence[str], class_map: 
     return np.array([index.get(label, -1) if label is not None else -1 for label in labels], dtype=np.int64)
 
 
+def regression_targets(images: Sequence[tuple[str, str | None, str | None]], names: Sequence[str]) -> np.ndarray:
+    """(N, T) targets from each (image_id, label, attributes JSON). A target an image lacks is NaN and left
+    out of that target's metrics: a cross-dataset set may not carry every target (training, unlike this,
+    refuses such an image). A value that is not a number is the dataset's error, named."""
+    out = np.full((len(images), len(names)), np.nan)
+    for n, (image_id, _, attributes) in enumerate(images):
+        values = json.loads(attributes) if isinstance(attributes, str) else (attributes or {})
+        for j, name in enumerate(names):
+            if values.get(name) is None:
+                continue
+            try:
+                out[n, j] = float(values[name])
+            except (TypeError, ValueError):
+                raise EvaluationError(f"image {image_id} has {name}={values[name]!r}, not a number; the dataset's "
+                                      f"manifest needs a numeric column {name!r}") from None
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Stored rows
+
+
+def evaluated_images(db: Database, dataset: str, split_id: str | None, part: str) -> list[tuple[str, str | None, str | None]]:
+    """(image_id, label, attributes) of a split part, or of the whole dataset when split_id is None."""
+    with db.connect() as conn:
+        if split_id is None:
+            return conn.execute("SELECT image_id, label, attributes FROM images WHERE dataset = ? ORDER BY image_id", [dataset]).fetchall()
+        return conn.execute(
+            "SELECT i.image_id, i.label, i.attributes FROM splits s JOIN images i ON i.image_id = s.image_id AND i.dataset = ? "
+            "WHERE s.split_id = ? AND s.part = ? ORDER BY i.image_id", [dataset, split_id, part]).fetchall()
 
 
 def write_evaluation(
