@@ -30,11 +30,16 @@ class CountingReader:
     """The real EasyOCR reader, counting readtext calls."""
 
     def __init__(self, reader):
-        self.reader, self.calls = reader, 0
+        self.reader, self.calls, self.batches = reader, 0, []
 
     def readtext(self, pixels):
         self.calls += 1
         return self.reader.readtext(pixels)
+
+    def readtext_batched(self, images, **kw):
+        self.calls += len(images)
+        self.batches.append(len(images))
+        return self.reader.readtext_batched(images, **kw)
 
 
 def caption(arr: np.ndarray, text: str, at_top: bool) -> np.ndarray:
@@ -292,3 +297,32 @@ def test_bf16_detector_decides_as_fp32_and_is_cached_apart(store, tmp_path):
     assert results["fp32"].params["engine"] == ocr_engine(DEFAULT_OCR_SIZE, "cpu", "fp32") != results["bf16"].params["engine"]
     with s.db.connect() as conn:
         assert conn.execute("SELECT count(DISTINCT engine) FROM ocr_results").fetchone()[0] == 2
+
+
+def test_batched_padded_passes_decide_as_one_image_at_a_time(reader, photos, tmp_path):
+    """The GPU path's batching, run on the CPU: images of different shapes padded onto the OCR square,
+    4 per detector pass, decide as readtext does one at a time, read the same captions, and are cached
+    under their own engine."""
+    images = {"chelsea": "Missing you every day", "rocket": "LAUNCH 2024", "astronaut": "so sad today",
+              "coffee": None, "coins": None, "grass": None, "camera": None}
+    results, texts = {}, {}
+    for batch_size in (1, 4):
+        s = Store(tmp_path / str(batch_size))
+        for name, text in images.items():
+            arr = caption(photos[name], text, at_top=name == "rocket") if text else photos[name]
+            s.add("t", name, encode(arr, "JPEG", quality=90), "joy", text is not None)
+        reader.batches.clear()
+        results[batch_size] = s.score(reader, batch_size=batch_size)
+        assert {i: v[0] for i, v in s.scores(results[batch_size].params_hash).items()} == s.truth
+        with s.db.connect() as conn:
+            texts[batch_size] = {s.names[n]: t for n, t in conn.execute(
+                "SELECT i.source_uri, t.text FROM text_scores t JOIN images i USING (image_id)").fetchall()}
+            engines = [r[0] for r in conn.execute("SELECT DISTINCT engine FROM ocr_results").fetchall()]
+        assert reader.batches == ([] if batch_size == 1 else [4, 3])
+        assert engines == [ocr_engine(DEFAULT_OCR_SIZE, "cpu", PRECISION, batch_size > 1)]
+    assert (results[4].batch_size, results[4].n_ocr_run) == (4, 7)
+    for name, text in images.items():
+        if text:
+            image_id = s.names[name]
+            assert text.split()[-1].lower() in texts[1][image_id].lower()
+            assert text.split()[-1].lower() in texts[4][image_id].lower()

@@ -52,6 +52,7 @@ def text_scores(context: dg.AssetExecutionContext, duckdb: DuckDBResource, raw_i
         "n_unreadable": result.n_unreadable,
         "device": result.device,
         "workers": result.workers,
+        "batch_size": result.batch_size,
         "images_per_second": round(result.images_per_second, 2),
         "seconds": round(result.seconds, 1),
     }

@@ -14,8 +14,9 @@ Two cache levels, so OCR never runs twice on an image:
   threshold changes. An unreadable image gets has_text NULL and a reason, and is re-examined on
   the next run.
 
-Where the work runs: one GPU reader when CUDA is there; otherwise one reader per worker process
-(spawned; torch threads split among them), as many as the cores and memory (READER_BYTES each) allow.
+Where the work runs: one GPU reader when CUDA is there, batched (GPU_BATCH images per detector pass,
+each padded onto an ocr_size square); otherwise one reader per worker process (spawned; torch threads split among them),
+as many as the cores and memory (READER_BYTES each) allow.
 On a CPU with native bfloat16 the text detector runs in bf16 (see detector_precision). Device and
 precision are part of the engine, so boxes from different arithmetic are cached apart.
 """
@@ -54,6 +55,10 @@ from emopipe.paths import object_path
 DEFAULT_OCR_SIZE = 384
 READER_BYTES = int(1.5 * 2**30)  # a CPU reader's resident memory (~1.3 GB measured) plus headroom
 FLUSH_EVERY = 64  # images per write transaction, so a killed run keeps its finished work
+# Images per padded detector pass on a GPU. All of CRAFT's layer outputs together are 433 MiB per 384 x 288
+# image in fp32 (summed with forward hooks), ~580 MiB on the 384 px square: an upper bound on its
+# activations, so 16 fit in 10 GB.
+GPU_BATCH = 16
 LOG_EVERY_SECONDS = 30.0
 
 Reader = Any  # an easyocr.Reader, or anything with its readtext(np.ndarray) -> [(box, text, conf)]
@@ -94,18 +99,21 @@ class TextScoreResult:
     seconds: float
     images_per_second: float  # OCR'd images per second of the OCR phase, reader start-up included
     workers: int
+    batch_size: int  # images per detector pass in this process
     device: str
 
 
-def ocr_engine(ocr_size: int, device: str, precision: str) -> str:
+def ocr_engine(ocr_size: int, device: str, precision: str, batched: bool = False) -> str:
     """The ocr_results cache key: what determines the raw boxes. The device is part of it because
-    EasyOCR quantizes its recognizer to int8 on CPU only; the precision is the detector's."""
-    return f"easyocr-{easyocr.__version__}-{ocr_size}px-{device}-{precision}"
+    EasyOCR quantizes its recognizer to int8 on CPU only; the precision is the detector's; batched
+    ("square") input is padded, which moves the detector's view of the bottom and right edges."""
+    return f"easyocr-{easyocr.__version__}-{ocr_size}px-{device}-{precision}" + ("-square" if batched else "")
 
 
-def score_params(thresholds: TextThresholds, ocr_size: int, device: str, precision: str) -> tuple[str, dict]:
+def score_params(thresholds: TextThresholds, ocr_size: int, device: str, precision: str,
+                 batched: bool = False) -> tuple[str, dict]:
     """(params_hash, params): the text_scores key of a decision."""
-    params = {"engine": ocr_engine(ocr_size, device, precision), "ocr_size": ocr_size, **thresholds.as_dict()}
+    params = {"engine": ocr_engine(ocr_size, device, precision, batched), "ocr_size": ocr_size, **thresholds.as_dict()}
     return hash_params(params), params
 
 
@@ -185,12 +193,31 @@ def _ocr(reader: Reader, image_id: str, pixels: np.ndarray) -> OcrOutput:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # torch's quantized-tensor deprecation, per call
         found = reader.readtext(pixels)
+    return _output(image_id, pixels.shape, found, time.perf_counter() - start)
+
+
+def _ocr_batch(reader: Reader, batch: list[tuple[str, np.ndarray]], side: int) -> list[OcrOutput]:
+    """One detector pass over the batch: each image padded with black at the right and bottom onto a
+    side x side square (EasyOCR itself pads to a multiple of 32 this way), so images of any shape go
+    together and their boxes keep their coordinates."""
+    canvas = np.zeros((len(batch), side, side, 3), np.uint8)
+    for n, (_, pixels) in enumerate(batch):
+        canvas[n, : pixels.shape[0], : pixels.shape[1]] = pixels
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        found = reader.readtext_batched(list(canvas), batch_size=len(batch))
+    seconds = (time.perf_counter() - start) / len(batch)
+    return [_output(image_id, pixels.shape, image_found, seconds) for (image_id, pixels), image_found in zip(batch, found)]
+
+
+def _output(image_id: str, shape: tuple[int, ...], found: list, seconds: float) -> OcrOutput:
+    """EasyOCR's [(corners, text, confidence)] as an OcrOutput; width/height are the image's own."""
     boxes = tuple(
         {"points": [[float(x), float(y)] for x, y in points], "text": text, "confidence": float(conf)}
         for points, text, conf in found
     )
-    height, width = pixels.shape[:2]
-    return OcrOutput(image_id, width, height, boxes, seconds=time.perf_counter() - start)
+    return OcrOutput(image_id, shape[1], shape[0], boxes, seconds=seconds)
 
 
 def decide(ocr: OcrOutput, thresholds: TextThresholds) -> Decision:
@@ -228,9 +255,21 @@ def _prefetched(items: list[str], load: Callable[[str], Any], depth: int) -> Ite
             yield queue.popleft().result()
 
 
-def _ocr_in_process(reader: Reader, ids: list[str], objects_root: Path, ocr_size: int) -> Iterator[OcrOutput]:
+def _ocr_in_process(reader: Reader, ids: list[str], objects_root: Path, ocr_size: int, batch_size: int) -> Iterator[OcrOutput]:
+    """OCR in this process: one image per readtext call, or batch_size images per padded pass."""
+    batch: list[tuple[str, np.ndarray]] = []
     for image_id, (pixels, failed) in zip(ids, _prefetched(ids, lambda i: _read(i, objects_root, ocr_size), 8)):
-        yield failed or _ocr(reader, image_id, pixels)
+        if failed:
+            yield failed
+        elif batch_size == 1:
+            yield _ocr(reader, image_id, pixels)
+        else:
+            batch.append((image_id, pixels))
+            if len(batch) == batch_size:
+                yield from _ocr_batch(reader, batch, ocr_size)
+                batch = []
+    if batch:
+        yield from _ocr_batch(reader, batch, ocr_size)
 
 
 _worker_reader: Reader = None
@@ -295,6 +334,7 @@ def score_text(
     workers: int | None = None,
     device: str | None = None,
     precision: str | None = None,
+    batch_size: int | None = None,
     log: Callable[[str], None] = print,
     reader_factory: Callable[[], Reader] | None = None,
 ) -> TextScoreResult:
@@ -302,7 +342,8 @@ def score_text(
 
     device: "cuda" or "cpu" (default: cuda when available). precision: the detector's, "fp32" or
     "bf16" (default: detector_precision(device)). workers: CPU reader processes (default:
-    default_workers()). reader_factory: build the reader in this process instead (e.g. a shared or
+    default_workers()). batch_size: images per padded detector pass, in this process (default: GPU_BATCH
+    on cuda; 1 on CPU, where the worker processes already keep the cores busy; part of the engine). reader_factory: build the reader in this process instead (e.g. a shared or
     instrumented one, made with the same precision); OCR then runs here, on one reader. work_dir
     holds EasyOCR's scratch folder.
     """
@@ -311,8 +352,9 @@ def score_text(
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     precision = precision or detector_precision(device)
-    engine = ocr_engine(ocr_size, device, precision)
-    key, params = score_params(thresholds, ocr_size, device, precision)
+    batch_size = batch_size or (GPU_BATCH if device == "cuda" else 1)
+    engine = ocr_engine(ocr_size, device, precision, batch_size > 1)
+    key, params = score_params(thresholds, ocr_size, device, precision, batch_size > 1)
     with db.connect() as conn:
         decided = {r[0] for r in conn.execute(
             "SELECT image_id FROM text_scores WHERE params_hash = $1 AND has_text IS NOT NULL"
@@ -326,18 +368,19 @@ def score_text(
     if cached:
         _write(db, engine, key, thresholds, cached, store_ocr=False)
 
-    if reader_factory is not None or device == "cuda" or not to_ocr:
+    if reader_factory is not None or device == "cuda" or batch_size > 1 or not to_ocr:
         workers = 1
     else:
         workers = max(1, min(workers or default_workers(), len(to_ocr)))
     n_ocr_run, ocr_start = 0, time.perf_counter()
     if to_ocr:
-        log(f"text_scores: OCR on {len(to_ocr)} of {len(ids)} images ({engine}, {device}, {workers} worker(s))")
+        log(f"text_scores: OCR on {len(to_ocr)} of {len(ids)} images ({engine}, {device}, {workers} worker(s), "
+            f"up to {batch_size} image(s) per pass)")
         if workers > 1:
             outputs = _ocr_in_workers(to_ocr, objects_root, ocr_size, workers, work_dir, precision)
         else:
             reader = reader_factory() if reader_factory else make_reader(device == "cuda", work_dir, precision)
-            outputs = _ocr_in_process(reader, to_ocr, objects_root, ocr_size)
+            outputs = _ocr_in_process(reader, to_ocr, objects_root, ocr_size, batch_size)
         batch: list[OcrOutput] = []
         last_log = time.perf_counter()
         for done, out in enumerate(outputs, 1):
@@ -358,7 +401,8 @@ def score_text(
     return TextScoreResult(
         params_hash=key, params=params, n_images=len(ids), n_ocr_run=n_ocr_run, n_cached=len(ids) - len(to_ocr),
         n_has_text=n_has_text, n_unreadable=n_unreadable, seconds=time.perf_counter() - start,
-        images_per_second=n_ocr_run / ocr_seconds if n_ocr_run else 0.0, workers=workers, device=device,
+        images_per_second=n_ocr_run / ocr_seconds if n_ocr_run else 0.0, workers=workers, batch_size=batch_size,
+        device=device,
     )
 
 
