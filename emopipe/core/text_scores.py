@@ -342,10 +342,11 @@ def score_text(
 
     device: "cuda" or "cpu" (default: cuda when available). precision: the detector's, "fp32" or
     "bf16" (default: detector_precision(device)). workers: CPU reader processes (default:
-    default_workers()). batch_size: images per padded detector pass, in this process (default: GPU_BATCH
-    on cuda; 1 on CPU, where the worker processes already keep the cores busy; part of the engine). reader_factory: build the reader in this process instead (e.g. a shared or
-    instrumented one, made with the same precision); OCR then runs here, on one reader. work_dir
-    holds EasyOCR's scratch folder.
+    default_workers()). batch_size: images per padded detector pass, in this process (default:
+    GPU_BATCH on cuda; 1 on CPU, where the worker processes already keep the cores busy; part of the
+    engine). reader_factory: build the reader in this process instead (e.g. a shared or instrumented
+    one, made with the same precision); OCR then runs here, on one reader. work_dir holds EasyOCR's
+    scratch folder.
     """
     start = time.perf_counter()
     ids = list(dict.fromkeys(image_ids))
