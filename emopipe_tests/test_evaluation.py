@@ -17,7 +17,6 @@ from emopipe.core.evaluation import (
     map_labels,
     pearson_r,
     regression_metrics,
-    regression_targets,
     write_evaluation,
 )
 
@@ -242,12 +241,3 @@ def test_box_and_vad_are_also_reported_as_groups():
     assert rows[("mse", "vad")] == pytest.approx((0.04 + 0.16) / 4)
     assert rows[("mse", None)] == pytest.approx((0.5 + 0.2) / 8)
 
-
-def test_regression_targets_leave_missing_values_out_and_name_bad_ones():
-    images = [("img1", None, json.dumps({"valence": 0.5, "arousal": "7"})), ("img2", None, json.dumps({"valence": None})),
-              ("img3", None, None)]
-    targets = regression_targets(images, ["valence", "arousal"])
-    assert targets[0].tolist() == [0.5, 7.0]
-    assert np.isnan(targets[1:]).all()
-    with pytest.raises(EvaluationError, match=r"image img9 has arousal='high', not a number"):
-        regression_targets([("img9", None, json.dumps({"arousal": "high"}))], ["valence", "arousal"])

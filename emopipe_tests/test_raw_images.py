@@ -1,6 +1,7 @@
 """Ingest: every input ends as an image, a rejection with its reason, or a duplicate; bytes stored once."""
 
 import io
+import json
 
 import numpy as np
 import pytest
@@ -8,7 +9,10 @@ import tifffile
 from PIL import Image
 
 from emopipe.catalog import DatasetSpec
-from emopipe.core.raw_images import Rejected, dataset_fingerprint, ingest_dataset, inspect_image, map_label
+from emopipe.core.raw_images import (
+    Rejected, attribute_matrix, dataset_fingerprint, ingest_dataset, inspect_image, map_label,
+)
+from emopipe.errors import UserError
 from emopipe.fingerprint import sha256_bytes
 from emopipe.paths import object_path
 
@@ -125,3 +129,12 @@ def test_synthetic_demo_ingests_with_ground_truth(db, data_dir):
         rows = conn.execute("SELECT source_uri, attributes->>'has_text' FROM images").fetchall()
     assert all(uri.startswith("synthetic://") for uri, _ in rows)
     assert {flag for _, flag in rows} <= {"true", "false"}
+
+
+def test_attribute_matrix_leaves_missing_values_nan_and_names_bad_ones():
+    attributes = [json.dumps({"valence": 0.5, "arousal": "7"}), json.dumps({"valence": None}), None]
+    targets = attribute_matrix(["img1", "img2", "img3"], attributes, ["valence", "arousal"])
+    assert targets[0].tolist() == [0.5, 7.0]
+    assert np.isnan(targets[1:]).all()
+    with pytest.raises(UserError, match=r"image img9 has arousal='high', not a number"):
+        attribute_matrix(["img9"], [json.dumps({"arousal": "high"})], ["valence", "arousal"])

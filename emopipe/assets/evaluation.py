@@ -7,10 +7,10 @@ from emopipe.assets.common import (
     CATALOG, database, experiment, experiment_partitions, png_markdown, recorded_metadata, user_errors,
 )
 from emopipe.core.evaluation import (
-    comparison_markdown, confusion_from_rows, confusion_png, evaluated_images, headline_markdown, regression_targets,
-    write_evaluation,
+    comparison_markdown, confusion_from_rows, confusion_png, evaluated_images, headline_markdown, write_evaluation,
 )
 from emopipe.core.images import load_array
+from emopipe.core.raw_images import attribute_matrix
 from emopipe.core.trace import verify
 from emopipe.core.trained_model import load_checkpoint, predict
 from emopipe.fingerprint import sha256_file
@@ -51,7 +51,9 @@ def evaluation(context: dg.AssetExecutionContext, duckdb: DuckDBResource, traine
             ids = [i for i, _, _ in images]
             scores = predict(model, info, load_array(db, ids, info["image_size"]))
             if exp.task == "regression":
-                labels = regression_targets(images, names)
+                # A target an image lacks is NaN and left out of that target's metrics: a cross-dataset set
+                # may not carry every target (training refuses such an image).
+                labels = attribute_matrix(ids, [a for _, _, a in images], names)
             else:
                 labels = [label for _, label, _ in images]
             rows += write_evaluation(db, experiment=exp.name, model_id=trained_model["model_id"], split_id=split_id, dataset=dataset,

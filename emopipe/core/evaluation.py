@@ -242,24 +242,6 @@ def map_labels(labels: Sequence[str | None], classes: Sequence[str], class_map: 
     return np.array([index.get(label, -1) if label is not None else -1 for label in labels], dtype=np.int64)
 
 
-def regression_targets(images: Sequence[tuple[str, str | None, str | None]], names: Sequence[str]) -> np.ndarray:
-    """(N, T) targets from each (image_id, label, attributes JSON). A target an image lacks is NaN and left
-    out of that target's metrics: a cross-dataset set may not carry every target (training, unlike this,
-    refuses such an image). A value that is not a number is the dataset's error, named."""
-    out = np.full((len(images), len(names)), np.nan)
-    for n, (image_id, _, attributes) in enumerate(images):
-        values = json.loads(attributes) if isinstance(attributes, str) else (attributes or {})
-        for j, name in enumerate(names):
-            if values.get(name) is None:
-                continue
-            try:
-                out[n, j] = float(values[name])
-            except (TypeError, ValueError):
-                raise EvaluationError(f"image {image_id} has {name}={values[name]!r}, not a number; the dataset's "
-                                      f"manifest needs a numeric column {name!r}") from None
-    return out
-
-
 # ---------------------------------------------------------------------------------------------
 # Stored rows
 

@@ -18,8 +18,9 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
+import numpy as np
 from PIL import Image
 
 from emopipe.catalog import DatasetSpec
@@ -27,6 +28,7 @@ from emopipe.core.dataset_formats import REJECT_DETAIL, REJECT_REASON
 from emopipe.core.download import is_http_url
 from emopipe.core.sources import Fetched, SourceItem, fetch_items, list_items
 from emopipe.db import Database
+from emopipe.errors import UserError
 from emopipe.fingerprint import rows_fingerprint, sha256_bytes
 from emopipe.paths import object_path
 
@@ -284,3 +286,20 @@ def preview_sample(db: Database, dataset: str, k: int = 16) -> list[tuple[str, s
                ORDER BY r, label LIMIT ?""",
             [dataset, k],
         ).fetchall()
+
+
+def attribute_matrix(image_ids: Sequence[str], attributes: Sequence[str | dict | None], columns: Sequence[str]) -> np.ndarray:
+    """(N, C) float64 of the named numeric columns of each image's `images.attributes` (JSON); NaN where an
+    image lacks one (callers decide whether that is allowed). A value that is not a number is named."""
+    out = np.full((len(image_ids), len(columns)), np.nan)
+    for n, (image_id, raw) in enumerate(zip(image_ids, attributes)):
+        values = json.loads(raw) if isinstance(raw, str) else (raw or {})
+        for j, column in enumerate(columns):
+            if values.get(column) is None:
+                continue
+            try:
+                out[n, j] = float(values[column])
+            except (TypeError, ValueError):
+                raise UserError(f"image {image_id} has {column}={values[column]!r}, not a number; the dataset's "
+                                f"manifest needs a numeric column {column!r}") from None
+    return out

@@ -43,6 +43,7 @@ from emopipe.catalog import ExperimentSpec
 from emopipe.core.device_data import (DeviceBatches, InputPipeline, Ranks, TrainStep, autocast, configure_cuda,
                                       describe_device, pick_device)
 from emopipe.core.models import Normalization, create_model, weights_fingerprint
+from emopipe.core.raw_images import attribute_matrix
 from emopipe.db import Database
 from emopipe.errors import UserError
 from emopipe.fingerprint import params_hash, rows_fingerprint, sha256_file
@@ -147,18 +148,16 @@ def _targets(rows: list[tuple], experiment: ExperimentSpec, classes: list[str] |
 
 
 def _attribute_matrix(rows: list[tuple], columns: tuple[str, ...], experiment: ExperimentSpec, key: str) -> np.ndarray:
-    out = np.empty((len(rows), len(columns)), np.float32)
-    for n, row in enumerate(rows):
-        attributes = json.loads(row[3]) if isinstance(row[3], str) else (row[3] or {})
-        for j, column in enumerate(columns):
-            value = attributes.get(column)
-            try:
-                out[n, j] = float(value)
-            except (TypeError, ValueError):
-                raise TrainingError(
-                    f"experiment {experiment.name!r} ({key}): image {row[1]} has {column}={value!r}, not a number; "
-                    f"the dataset's manifest needs a numeric column {column!r} for every image") from None
-    return out
+    """The columns for every training row; unlike evaluation, a missing value is an error here."""
+    try:
+        out = attribute_matrix([r[1] for r in rows], [r[3] for r in rows], columns)
+    except UserError as e:
+        raise TrainingError(f"experiment {experiment.name!r} ({key}): {e}") from None
+    if np.isnan(out).any():
+        n, j = np.argwhere(np.isnan(out))[0]
+        raise TrainingError(f"experiment {experiment.name!r} ({key}): image {rows[n][1]} has no {columns[j]}; "
+                            f"the dataset's manifest needs a numeric column {columns[j]!r} for every image")
+    return out.astype(np.float32)
 
 
 # --- the network ----------------------------------------------------------------------------------
