@@ -6,6 +6,7 @@ the key and the allowed values, so `dagster definitions validate` shows it witho
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from dataclasses import dataclass, field, fields
@@ -29,6 +30,15 @@ PRETRAINED_KINDS = ("none", "timm", "efficientnet_lite0", "a path to a weights f
 
 class CatalogError(UserError):
     """A user mistake in a catalog file: the message names file, key and allowed values."""
+
+
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def did_you_mean(word, known) -> str:
+    """" (did you mean 'epochs'?)" for the closest known name, or nothing."""
+    close = difflib.get_close_matches(str(word), [str(k) for k in known], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 @dataclass(frozen=True)
@@ -65,6 +75,7 @@ class DatasetSpec:
     classes: tuple[str, ...] | None = None  # fixes class order; labels outside it are rejected
     class_map: dict[str, str] = field(default_factory=dict)  # raw label -> class ('*' = every other)
     split_column: str = "split"  # attribute holding the official part (train/val/test)
+    max_image_bytes: int = 64 << 20  # one image file or download larger than this is rejected as too_large
     n_per_class: int = 100  # synthetic only
     seed: int = 0  # synthetic only
     text_thresholds: TextThresholds | None = None
@@ -150,7 +161,8 @@ class Catalog:
 
     def experiment(self, name: str) -> ExperimentSpec:
         if name not in self.experiments:
-            raise CatalogError(f"unknown experiment {name!r}; known: {', '.join(sorted(self.experiments))}")
+            raise CatalogError(f"unknown experiment {name!r}{did_you_mean(name, self.experiments)}; "
+                               f"known: {', '.join(sorted(self.experiments))}")
         return self.experiments[name]
 
     def dataset(self, name: str) -> DatasetSpec:
@@ -215,9 +227,9 @@ class _Entry:
 
     def __init__(self, file: Path, key: str, entry: dict, allowed: set[str]):
         self.file, self.key, self.entry = file, key, entry
-        unknown = set(entry) - allowed
+        unknown = sorted(set(map(str, entry)) - allowed)
         if unknown:
-            self.fail(f"unknown key(s) {sorted(unknown)}", allowed=sorted(allowed))
+            self.fail(f"unknown key(s) {unknown}{did_you_mean(unknown[0], allowed)}", allowed=sorted(allowed))
 
     def fail(self, message: str, sub: str | None = None, allowed=None):
         key = f"{self.key}.{sub}" if sub else self.key
@@ -230,6 +242,9 @@ class _Entry:
                 self.fail("is required", name, choices)
             return default
         value = self.entry[name]
+        if kind is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            # YAML 1.1 (PyYAML) reads 1e-4 as a string: it wants a dot (1.0e-4). Writers mean a number.
+            value = float(value)
         ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value, ok = float(value), True
@@ -237,7 +252,7 @@ class _Entry:
             names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
             self.fail(f"expected {names}, got {value!r}", name, choices)
         if choices is not None and value not in choices:
-            self.fail(f"{value!r} is not allowed", name, choices)
+            self.fail(f"{value!r} is not allowed{did_you_mean(value, choices)}", name, choices)
         return value
 
     def str_list(self, name) -> tuple[str, ...]:
@@ -311,6 +326,7 @@ def _dataset(name: str, entry: dict, file: Path) -> DatasetSpec:
         classes=e.str_list("classes") or None,
         class_map=e.str_map("class_map"),
         split_column=e.get("split_column", str, "split"),
+        max_image_bytes=e.get("max_image_bytes", int, DatasetSpec.max_image_bytes),
         n_per_class=e.get("n_per_class", int, 100),
         seed=e.get("seed", int, 0),
         text_thresholds=e.thresholds(),
@@ -340,6 +356,8 @@ def _dataset(name: str, entry: dict, file: Path) -> DatasetSpec:
             e.fail("a url_list dataset needs 'labels' (a local CSV url,label[,...]) or 'url' (the CSV's http(s) URL)", "labels")
     if spec.n_per_class < 1:
         e.fail("must be at least 1", "n_per_class")
+    if spec.max_image_bytes < 1:
+        e.fail("must be a positive number of bytes", "max_image_bytes", ["67108864 (64 MiB, the default)"])
     return spec
 
 

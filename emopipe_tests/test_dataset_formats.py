@@ -16,8 +16,9 @@ import scipy.io
 from emopipe.catalog import DataFile, DatasetSpec, load_catalog
 from emopipe.core import dataset_formats
 from emopipe.core.raw_images import ingest_dataset
+from emopipe.core.source_items import REJECT_REASON
 from emopipe.core.sources import SourceError, fetch_items, list_items
-from emopipe_tests.test_sources import Server
+from emopipe_tests.test_sources import Server, in_memory
 
 MIKELS_LABEL2IDX = {"amusement": 0, "awe": 1, "contentment": 2, "excitement": 3, "anger": 4, "disgust": 5, "fear": 6, "sadness": 7}
 
@@ -98,8 +99,9 @@ def test_emoset_mistakes_name_the_file(tmp_path, photo_jpegs):
     with pytest.raises(SourceError, match=r"val\.json: entry 0 has emotion 'joy', not in info\.json"):
         list_items(DatasetSpec(name="e", source="emoset", path=str(root)), tmp_path)
     (root / "val.json").write_text(json.dumps([["fear", "x", "../../etc/passwd", "a.json"]]))
-    with pytest.raises(SourceError, match="points outside the dataset folder"):
-        list_items(DatasetSpec(name="e", source="emoset", path=str(root)), tmp_path)
+    items = list_items(DatasetSpec(name="e", source="emoset", path=str(root)), tmp_path)
+    escaped = [i for i in items if i.attributes.get(REJECT_REASON) == "outside_dataset"]
+    assert [(i.label, i.attributes["reject_detail"]) for i in escaped] == [(None, "../../etc/passwd")]
     (root / "info.json").unlink()
     with pytest.raises(SourceError, match=r"info\.json: does not exist"):
         list_items(DatasetSpec(name="e", source="emoset", path=str(root)), tmp_path)
@@ -143,7 +145,7 @@ def test_parquet_local_files(tmp_path, db, data_dir, photo_jpegs):
     assert {i.attributes["emoset_id"]: (i.label, i.attributes["split"]) for i in items} == expected
     assert items[1].uri == f"parquet:{a}#0:1" and items[2].uri == f"parquet:{a}#1:0"
     assert items[2].attributes == {"emoset_id": "id_coffee", "brightness": pytest.approx(0.2), "split": "train"}  # list column dropped
-    fetched = {f.item.attributes["emoset_id"]: f.data for f in fetch_items(items, workers=4)}
+    fetched = {f.item.attributes["emoset_id"]: in_memory(f).data for f in fetch_items(items, workers=4)}
     assert fetched == {i: data for data, _, i in rows}
 
     result, stored, rejected = ingest(db, data_dir, spec)
@@ -177,7 +179,7 @@ def test_parquet_binary_column_string_labels_and_names(tmp_path, photo_jpegs):
     spec = DatasetSpec(name="p", source="parquet", files=(DataFile(str(plain)),), classes=("calm", "rough"))
     items = list_items(spec, tmp_path)
     assert [(i.label, "split" in i.attributes) for i in items] == [("rough", False), ("calm", False)]
-    assert [f.data for f in sorted(fetch_items(items), key=lambda f: f.item.uri)] == [photo_jpegs["grass"], photo_jpegs["gravel"]]
+    assert [in_memory(f).data for f in sorted(fetch_items(items), key=lambda f: f.item.uri)] == [photo_jpegs["grass"], photo_jpegs["gravel"]]
 
     named = tmp_path / "named.parquet"
     pq.write_table(pa.table({"img": [photo_jpegs["grass"]], "emotion": ["awe"], "split": ["val"]}), named)
@@ -287,7 +289,7 @@ def check_emotic(items, root: Path):
         assert kept[rel].label == "person" and set(got) == set(want), rel
         for key, value in want.items():
             assert got[key] == (pytest.approx(value) if isinstance(value, float) else value), (rel, key)
-    refused = {str(Path(i.uri).relative_to(root)): i.attributes[dataset_formats.REJECT_REASON] for i in items if i.label is None}
+    refused = {str(Path(i.uri).relative_to(root)): i.attributes[REJECT_REASON] for i in items if i.label is None}
     assert refused == {"mscoco/images/two.jpg": "multiple_persons", "ade20k/images/nan.jpg": "no_continuous_labels"}
 
 

@@ -2,6 +2,7 @@
 manifest, url_list, archive), fetching with retries and timeouts, resumable verified downloads,
 and refusal of unsafe archives."""
 
+import dataclasses
 import hashlib
 import io
 import stat
@@ -16,7 +17,7 @@ import pytest
 from PIL import Image
 
 from emopipe.catalog import DatasetSpec
-from emopipe.core.sources import SourceError, SourceItem, fetch_items, list_items
+from emopipe.core.sources import Fetched, SourceError, SourceItem, fetch_items, list_items
 from emopipe_tests.conftest import encode
 
 HTML = b"<!DOCTYPE html><html><body>Image not found</body></html>"
@@ -77,11 +78,20 @@ def server():
     s.close()
 
 
+def in_memory(f: Fetched) -> Fetched:
+    """A download's file read back (and removed) as data, so assertions compare bytes either way."""
+    if f.file is None:
+        return f
+    data = f.file.read_bytes()
+    f.file.unlink()
+    return dataclasses.replace(f, data=data, file=None)
+
+
 def by_uri(fetched):
     out = {}
     for f in fetched:
         assert f.item.uri not in out, f"{f.item.uri} yielded twice"
-        out[f.item.uri] = f
+        out[f.item.uri] = in_memory(f)
     return out
 
 
@@ -142,8 +152,9 @@ def test_url_list_downloaded_from_url(server, tmp_path, photo_jpegs):
     spec = DatasetSpec(name="urls", source="url_list", url=server.url("/list.csv"))
     items = list_items(spec, tmp_path / "work")
     assert items == [SourceItem(server.url("/a.jpg"), "awe", {})]
-    [fetched] = fetch_items(items)
-    assert fetched.data == photo_jpegs["coffee"]
+    [fetched] = fetch_items(items, incoming=tmp_path / "incoming")
+    assert fetched.file.parent == tmp_path / "incoming"
+    assert in_memory(fetched).data == photo_jpegs["coffee"]
 
 
 def test_url_list_errors_name_the_line(server, tmp_path):

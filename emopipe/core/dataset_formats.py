@@ -49,18 +49,12 @@ import numpy as np
 from emopipe.catalog import DatasetSpec
 from emopipe.core import download
 from emopipe.core.download import SourceError, is_http_url
-from emopipe.core.sources import Fetched, SourceItem
+from emopipe.core.source_items import DatasetRoot, SourceItem, outside, rejection
+from emopipe.core.sources import Fetched
 from emopipe.fingerprint import sha256_file
 
-# An item the listing found but refuses carries its reason in these attributes (label None).
-REJECT_REASON = "reject_reason"
-REJECT_DETAIL = "reject_detail"
 
 PARTS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
-
-
-def rejection(uri: str, reason: str, detail: str) -> SourceItem:
-    return SourceItem(uri, None, {REJECT_REASON: reason, REJECT_DETAIL: detail})
 
 
 # --- EmoSet ---------------------------------------------------------------------------------------
@@ -77,7 +71,8 @@ def emoset_items(root: Path, where: str) -> list[SourceItem]:
         emotions = set(info["emotion"]["label2idx"])
     except (KeyError, TypeError):
         raise SourceError(f"{root / 'info.json'}: no emotion.label2idx mapping") from None
-    rows = []
+    rows, escaped = [], []
+    dataset_root = DatasetRoot(root)
     for part in ("train", "val", "test"):
         entries = _read_json(root / f"{part}.json", f"EmoSet's {part} list [[emotion, id, image path, annotation path], ...]")
         for n, entry in enumerate(entries):
@@ -88,7 +83,12 @@ def emoset_items(root: Path, where: str) -> list[SourceItem]:
             if emotion not in emotions:
                 raise SourceError(f"{root / f'{part}.json'}: entry {n} has emotion {emotion!r}, not in info.json ({', '.join(sorted(emotions))})")
             name = entry[1] if len(entry) == 4 else Path(image).stem
-            rows.append((_inside(root, image, f"{part}.json entry {n}"), emotion, part, name, _inside(root, annotation, f"{part}.json entry {n}")))
+            uri, annotation_path = dataset_root.join(image), dataset_root.join(annotation)
+            if not dataset_root.holds(uri):
+                escaped.append(outside(uri, image))
+                continue
+            # An annotation outside the dataset is not read: the image keeps only its label and part.
+            rows.append((uri, emotion, part, name, annotation_path if dataset_root.holds(annotation_path) else None))
     with ThreadPoolExecutor(max_workers=8) as pool:
         annotations = list(pool.map(_emoset_annotation, (r[4] for r in rows)))
     items, seen = [], set()
@@ -97,11 +97,13 @@ def emoset_items(root: Path, where: str) -> list[SourceItem]:
             raise SourceError(f"{root}: {uri} is listed twice in train/val/test.json")
         seen.add(uri)
         items.append(SourceItem(uri, emotion, {"split": part, "emoset_id": name, **extra}))
-    return items
+    return items + list({r.uri: r for r in escaped}.values())
 
 
-def _emoset_annotation(path: str) -> dict:
+def _emoset_annotation(path: str | None) -> dict:
     """The annotation's scalar attributes; a missing or unreadable file only loses them."""
+    if path is None:
+        return {}
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
@@ -120,13 +122,6 @@ def _read_json(path: Path, what: str):
         raise SourceError(f"{path}: does not exist; expected {what}") from None
     except (OSError, ValueError) as e:
         raise SourceError(f"{path}: cannot read {what}: {e}") from None
-
-
-def _inside(root: Path, relative: str, where: str) -> str:
-    path = os.path.normpath(os.path.join(root, relative))
-    if not path.startswith(os.path.join(os.path.normpath(root), "")):
-        raise SourceError(f"{root}: {where}: {relative!r} points outside the dataset folder")
-    return path
 
 
 # --- Parquet --------------------------------------------------------------------------------------
@@ -374,10 +369,16 @@ def emotic_items(root: Path, annotations: Path, where: str) -> list[SourceItem]:
     else:
         raise SourceError(f"{where}.labels: {annotations} is neither Annotations.mat, a .csv nor a folder of CSVs")
     by_image: dict[str, list[dict]] = {}
+    escaped: dict[str, SourceItem] = {}
+    dataset_root = DatasetRoot(root)
     for person in persons:
-        uri = _inside(root, os.path.join(person["folder"], person["filename"]), f"{annotations.name}: {person['filename']}")
-        by_image.setdefault(uri, []).append(person)
-    return [_emotic_item(uri, found, annotations.name) for uri, found in by_image.items()]
+        written = os.path.join(person["folder"], person["filename"])
+        uri = dataset_root.join(written)
+        if dataset_root.holds(uri):
+            by_image.setdefault(uri, []).append(person)
+        else:
+            escaped[uri] = outside(uri, written)  # one input per image, as for the images inside
+    return [_emotic_item(uri, found, annotations.name) for uri, found in by_image.items()] + list(escaped.values())
 
 
 def _emotic_item(uri: str, persons: list[dict], source: str) -> SourceItem:

@@ -7,6 +7,7 @@ urllib covers what is needed here (Range requests, timeouts, redirect control).
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import random
@@ -15,6 +16,7 @@ import shutil
 import ssl
 import stat
 import tarfile
+import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -22,13 +24,15 @@ import urllib.request
 import zipfile
 from http.client import HTTPException
 from pathlib import Path
+from typing import BinaryIO
 
 from emopipe.errors import UserError
 from emopipe.fingerprint import sha256_file
 
 USER_AGENT = "emopipe/0.1 (affective-image dataset ingest; urllib)"
 HTTP_SCHEMES = ("http", "https")
-MAX_FETCH_BYTES = 256 << 20  # one image; above this a URL or file is refused as too_large
+MAX_FETCH_BYTES = 64 << 20  # one image (catalog key max_image_bytes); above this a URL or file is too_large
+DOWNLOAD_PREFIX = ".download-"  # fetch_to_file's files: .download-<pid>-<random>
 BACKOFF = 0.5  # seconds before the first retry, doubled for each further one
 MAX_BACKOFF = 30.0
 CHUNK = 1 << 20
@@ -39,6 +43,11 @@ log = logging.getLogger(__name__)
 class SourceError(UserError):
     """A dataset-level mistake (missing folder, bad CSV header, checksum mismatch, unsafe archive);
     the message names the file, URL or field."""
+
+
+class DownloadInterrupted(Exception):
+    """A transient failure (server down, connection lost) after every retry; what arrived is kept
+    and the next try resumes from it. Not a UserError: Dagster's run retries apply."""
 
 
 class FetchFailed(Exception):
@@ -107,15 +116,55 @@ def _sleep_before_retry(failure: FetchFailed, attempt: int) -> None:
 
 
 def fetch_bytes(url: str, timeout: float = 30.0, retries: int = 3, max_bytes: int = MAX_FETCH_BYTES) -> bytes:
-    """GET one URL into memory; raise FetchFailed after `retries` retries with exponential backoff.
+    """GET one URL into memory (a small file: a URL list, a checksum); see fetch_to_file."""
+    buffer = io.BytesIO()
+    _fetch_into(buffer, url, timeout, retries, max_bytes)
+    return buffer.getvalue()
+
+
+def fetch_to_file(url: str, folder: Path, timeout: float = 30.0, retries: int = 3, max_bytes: int = MAX_FETCH_BYTES) -> Path:
+    """GET one URL into a new file in `folder` (the caller owns it), so memory stays flat whatever the
+    response's size; FetchFailed after `retries` retries with exponential backoff, the file removed.
 
     `timeout` bounds the whole response, not only each socket read, so a server that trickles
-    bytes cannot hold a worker forever.
+    bytes cannot hold a worker forever; more than `max_bytes` fails as too_large as soon as it arrives.
     """
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=folder, prefix=f"{DOWNLOAD_PREFIX}{os.getpid()}-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            _fetch_into(f, url, timeout, retries, max_bytes)
+    except BaseException:
+        os.unlink(name)
+        raise
+    return Path(name)
+
+
+def remove_stale_downloads(folder: Path) -> None:
+    """Delete what fetch_to_file left in `folder` for processes that no longer run (a killed ingest)."""
+    for path in folder.glob(f"{DOWNLOAD_PREFIX}*"):
+        pid = path.name[len(DOWNLOAD_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not _process_exists(int(pid)):
+            path.unlink(missing_ok=True)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _fetch_into(sink: BinaryIO, url: str, timeout: float, retries: int, max_bytes: int) -> None:
     attempt = 0
     while True:
+        sink.seek(0)
+        sink.truncate()
         try:
-            return _get(url, timeout, max_bytes)
+            return _get(sink, url, timeout, max_bytes)
         except NETWORK_ERRORS as e:
             failure = _failure(url, e)
             if not failure.retryable or attempt == retries:
@@ -124,25 +173,24 @@ def fetch_bytes(url: str, timeout: float = 30.0, retries: int = 3, max_bytes: in
             attempt += 1
 
 
-def _get(url: str, timeout: float, max_bytes: int) -> bytes:
+def _get(sink: BinaryIO, url: str, timeout: float, max_bytes: int) -> None:
     deadline = time.monotonic() + timeout
     with _opener.open(_request(url), timeout=timeout) as response:
         length = response.headers.get("Content-Length")
         expected = int(length) if length and length.isdigit() else None
         if expected is not None and expected > max_bytes:
             raise FetchFailed("too_large", f"{url}: {expected} bytes, over the limit of {max_bytes}")
-        chunks, n = [], 0
+        n = 0
         while chunk := response.read1(CHUNK):  # read1: whatever has arrived, so the deadline is checked
-            chunks.append(chunk)
             n += len(chunk)
             if n > max_bytes:
-                raise FetchFailed("too_large", f"{url}: more than {max_bytes} bytes")
+                raise FetchFailed("too_large", f"{url}: more than {max_bytes} bytes, over the limit")
+            sink.write(chunk)
             if time.monotonic() > deadline:
                 raise FetchFailed("timeout", f"{url}: response not complete after {timeout:g} s", retryable=True)
         # http.client returns b"" instead of raising when the connection closes early.
         if expected is not None and n < expected:
             raise FetchFailed("connection_error", f"{url}: connection closed after {n} of {expected} bytes", retryable=True)
-        return b"".join(chunks)
 
 
 def download_file(url: str, dest: Path, sha256: str, timeout: float = 60.0, retries: int = 5) -> None:
@@ -164,9 +212,13 @@ def download_file(url: str, dest: Path, sha256: str, timeout: float = 60.0, retr
             failure = _failure(url, e)
             if part.exists() and part.stat().st_size > offset:
                 failures = 0
-            if not failure.retryable or failures >= retries:
+            if not failure.retryable:
+                part.unlink(missing_ok=True)
+                raise SourceError(f"{url}: download failed: {failure.detail}; check the dataset's url in the catalog") from None
+            if failures >= retries:
                 kept = part.stat().st_size if part.exists() else 0
-                raise SourceError(f"{url}: download failed: {failure.detail} ({kept} bytes kept in {part}; the next run resumes)") from None
+                raise DownloadInterrupted(f"{url}: download failed after {retries} retries: {failure.detail} "
+                                          f"({kept} bytes kept in {part}; the next try resumes from there)") from None
             _sleep_before_retry(failure, failures)
             failures += 1
     actual = sha256_file(part)
@@ -271,7 +323,11 @@ def _extract_zip(archive: Path, dest: Path, name: str) -> None:
             _check_space(dest, sum(i.file_size for i in infos), name)
             for info in infos:
                 if not stat.S_ISLNK(info.external_attr >> 16):
-                    zf.extract(info, dest)
+                    try:
+                        zf.extract(info, dest)
+                    except (zipfile.BadZipFile, NotImplementedError, RuntimeError, OSError, EOFError) as e:
+                        # a damaged or encrypted member, or one compressed in a method Python lacks
+                        raise SourceError(f"{name}: member {info.filename!r} cannot be extracted: {e}; refusing the archive") from None
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as e:
         raise SourceError(f"{name}: damaged zip archive: {e}") from None
     # zipfile would write links as small text files; made after the files so no extraction passes
@@ -291,8 +347,15 @@ def _extract_tar(tar: tarfile.TarFile, dest: Path, name: str) -> None:
         if m.islnk():
             _member_parts(m.linkname, name)
     _check_space(dest, sum(m.size for m in members if m.isfile()), name)
-    try:
-        # The 'data' filter is the second line of defence: it resolves links as extracted.
-        tar.extractall(dest, members=members, filter="data")
-    except tarfile.FilterError as e:
-        raise SourceError(f"{name}: unsafe member: {e}; refusing the archive") from None
+    for m in members:
+        try:
+            # The 'data' filter is the second line of defence: it resolves links as extracted. A folder's
+            # own mode is not applied (as extractall defers it), so a read-only folder still takes its files.
+            tar.extract(m, dest, set_attrs=not m.isdir(), filter="data")
+        except tarfile.FilterError as e:
+            raise SourceError(f"{name}: member {m.name!r} is unsafe: {e}; refusing the archive") from None
+        except KeyError:  # tarfile's way of saying a hard link's target is not in the archive
+            raise SourceError(f"{name}: member {m.name!r} is a hard link to {m.linkname!r}, which the archive does not hold; "
+                              "refusing the archive") from None
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise SourceError(f"{name}: member {m.name!r} cannot be extracted: {e}; refusing the archive") from None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import tempfile
 import time
 import warnings
@@ -24,12 +25,13 @@ import numpy as np
 from PIL import Image
 
 from emopipe.catalog import DatasetSpec
-from emopipe.core.dataset_formats import REJECT_DETAIL, REJECT_REASON
-from emopipe.core.download import is_http_url
-from emopipe.core.sources import Fetched, SourceItem, fetch_items, list_items
+from emopipe.core.source_items import REJECT_DETAIL, REJECT_REASON
+from emopipe.core.download import is_http_url, remove_stale_downloads
+from emopipe.core.source_items import SourceItem
+from emopipe.core.sources import Fetched, fetch_items, list_items
 from emopipe.db import Database
 from emopipe.errors import UserError
-from emopipe.fingerprint import rows_fingerprint, sha256_bytes
+from emopipe.fingerprint import rows_fingerprint, sha256_bytes, sha256_file
 from emopipe.paths import object_path
 
 ACCEPTED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF")
@@ -53,41 +55,49 @@ class ImageInfo:
     format: str
 
 
-def inspect_image(data: bytes, max_pixels: int = MAX_PIXELS) -> ImageInfo:
-    """Check that the bytes are a whole, decodable image; raise Rejected(reason, detail) if not.
+def inspect_image(source: bytes | Path, max_pixels: int = MAX_PIXELS) -> ImageInfo:
+    """Check that the bytes (in memory, or a file's) are a whole, decodable image; raise
+    Rejected(reason, detail) if not.
 
     The decode runs in Pillow's draft mode (JPEGs at 1/8 scale), which still reads every byte, so
     truncation is caught at a fraction of a full decode; the full decode happens once, at resize.
     """
-    if not data:
+    if isinstance(source, Path):
+        with open(source, "rb") as f:
+            head = f.read(64)
+    else:
+        head = source[:64]
+    if not head:
         raise Rejected("zero_bytes", "the file is empty")
     try:
         with warnings.catch_warnings():
             # The pixel limit is checked below, from the header, with our own message.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+            img = Image.open(source if isinstance(source, Path) else io.BytesIO(source), formats=ACCEPTED_FORMATS)
     except Image.DecompressionBombError as e:
-        raise Rejected("decompression_bomb", str(e)) from None
+        # Pillow refuses above twice its own limit before the size is ours to check; say ours.
+        pixels = re.search(r"\((\d+) pixels\)", str(e))
+        raise Rejected("decompression_bomb", f"{pixels.group(1) if pixels else 'more'} pixels exceeds the limit of {max_pixels}") from None
     except Image.UnidentifiedImageError as e:
-        if data.startswith(IMAGE_SIGNATURES):
+        if head.startswith(IMAGE_SIGNATURES):
             raise Rejected("unreadable_mode", f"an image file whose pixel layout Pillow cannot read ({e})") from None
-        head = data[:64].lstrip().lower()
-        kind = "an HTML page" if head.startswith((b"<!doctype html", b"<html")) else "not an image"
-        raise Rejected("not_an_image", f"{kind} (starts with {data[:16]!r})") from None
+        kind = "an HTML page" if head.lstrip().lower().startswith((b"<!doctype html", b"<html")) else "not an image"
+        raise Rejected("not_an_image", f"{kind} (starts with {head[:16]!r})") from None
     except Exception as e:  # Pillow raises assorted errors on malformed headers
         raise Rejected("not_an_image", f"unreadable header: {e}") from None
-    width, height = img.size
-    if width * height > max_pixels:
-        raise Rejected("decompression_bomb", f"{width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}")
-    try:
-        img.draft("RGB", (max(1, width // 8), max(1, height // 8)))
-        img.load()
-        img.convert("RGB")
-    except (OSError, SyntaxError, ValueError) as e:
-        message = str(e)
-        reason = "truncated" if "truncat" in message or "broken data stream" in message or "premature end" in message.lower() else "unreadable_mode"
-        raise Rejected(reason, message) from None
-    return ImageInfo(width, height, img.format or "")
+    with img:
+        width, height = img.size
+        if width * height > max_pixels:
+            raise Rejected("decompression_bomb", f"{width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}")
+        try:
+            img.draft("RGB", (max(1, width // 8), max(1, height // 8)))
+            img.load()
+            img.convert("RGB")
+        except (OSError, SyntaxError, ValueError) as e:
+            message = str(e)
+            reason = "truncated" if "truncat" in message or "broken data stream" in message or "premature end" in message.lower() else "unreadable_mode"
+            raise Rejected(reason, message) from None
+        return ImageInfo(width, height, img.format or "")
 
 
 def store_object(data: bytes, image_id: str, objects_root: Path) -> bool:
@@ -100,6 +110,18 @@ def store_object(data: bytes, image_id: str, objects_root: Path) -> bool:
     with os.fdopen(fd, "wb") as f:
         f.write(data)
     os.replace(tmp, target)
+    return True
+
+
+def store_file(path: Path, image_id: str, objects_root: Path) -> bool:
+    """Move a downloaded file (on the store's file system) to its content address; False, and the file
+    removed, when the bytes were already there."""
+    target = object_path(image_id, objects_root)
+    if target.exists():
+        path.unlink()
+        return False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(path, target)
     return True
 
 
@@ -165,6 +187,8 @@ def ingest_dataset(
             to_fetch.append(item)
 
     def accept(fetched: Fetched):
+        if fetched.file is not None:
+            return fetched, *_accept_file(fetched.file, objects_root)
         if fetched.data is None:
             return fetched, None, Rejected(fetched.reason or "fetch_failed", fetched.detail or "")
         try:
@@ -175,8 +199,12 @@ def ingest_dataset(
         new = store_object(fetched.data, image_id, objects_root)
         return fetched, (image_id, info, len(fetched.data), new), None
 
+    incoming = Path(objects_root) / ".incoming"  # downloads land here: the store's file system, so a move is a rename
+    incoming.mkdir(parents=True, exist_ok=True)
+    remove_stale_downloads(incoming)
+    fetched_items = fetch_items(to_fetch, workers=workers, max_bytes=spec.max_image_bytes, incoming=incoming)
     with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
-        for fetched, ok, rej in _ordered_map(pool, accept, fetch_items(to_fetch, workers=workers)):
+        for fetched, ok, rej in _ordered_map(pool, accept, fetched_items):
             item = fetched.item
             label = map_label(item.label, spec)
             if rej is not None:
@@ -234,6 +262,17 @@ def ingest_dataset(
     result.fingerprint = dataset_fingerprint(db, spec.name)
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _accept_file(path: Path, objects_root: Path) -> tuple[tuple | None, Rejected | None]:
+    """A downloaded file into the store, or removed with the reason it is no image."""
+    try:
+        info = inspect_image(path)
+    except Rejected as r:
+        path.unlink()
+        return None, r
+    image_id, n_bytes = sha256_file(path), path.stat().st_size
+    return (image_id, info, n_bytes, store_file(path, image_id, objects_root)), None
 
 
 def map_label(label: str | None, spec: DatasetSpec) -> str | None:

@@ -26,7 +26,7 @@ import shutil
 import tempfile
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 from urllib.parse import urlsplit
@@ -39,8 +39,10 @@ from emopipe.core.download import (
     download_file,
     extract_archive,
     fetch_bytes,
+    fetch_to_file,
     is_http_url,
 )
+from emopipe.core.source_items import DatasetRoot, SourceItem, outside, rejection
 
 __all__ = ["Fetched", "SourceError", "SourceItem", "fetch_items", "list_items"]
 
@@ -48,18 +50,12 @@ URL_LIST_MAX_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
-class SourceItem:
-    uri: str  # absolute local path or URL, unique within a listing
-    label: str | None  # the raw label; the ingest applies class_map
-    attributes: dict = field(default_factory=dict)  # extra manifest columns (numbers parsed)
-
-
-@dataclass(frozen=True)
 class Fetched:
     item: SourceItem
-    data: bytes | None  # None when it could not be fetched
+    data: bytes | None  # None when it could not be fetched, or arrived as `file`
     reason: str | None  # http_404, http_error, timeout, connection_error, ssl_error, bad_url, too_large, missing_file, unreadable_file
     detail: str | None  # names the URL/file and what happened
+    file: Path | None = None  # a download, streamed to a file the consumer owns (moves into the store or deletes)
 
 
 def list_items(spec: DatasetSpec, work_dir: Path) -> list[SourceItem]:
@@ -81,7 +77,7 @@ def list_items(spec: DatasetSpec, work_dir: Path) -> list[SourceItem]:
         if not root.is_dir():
             top = sorted(p.name + "/" * p.is_dir() for p in extracted.iterdir())
             raise SourceError(f"{where}.path: {spec.path!r} is not a folder inside {spec.url}; its top level holds {', '.join(top[:10])}")
-        return _folder_items(root, spec.labels, f"{where}.path (inside {spec.url})")
+        return _folder_items(root, spec.labels, f"{where}.path (inside {spec.url})", DatasetRoot(extracted))
     if spec.source == "url_list":
         return _url_list_items(spec, where)
     if spec.source in ("emoset", "parquet", "emotic", "webemo"):
@@ -115,23 +111,31 @@ def _relative_inside(value: str, where: str) -> list[str]:
 # --- folder -------------------------------------------------------------------------------------
 
 
-def _folder_items(root: Path, labels: str | None, where: str) -> list[SourceItem]:
+def _folder_items(root: Path, labels: str | None, where: str, boundary: DatasetRoot | None = None) -> list[SourceItem]:
+    """A class-per-subfolder tree or a manifest's rows; every path must resolve inside `boundary`
+    (default: root itself), the others are `outside_dataset` rejections."""
     if not root.is_dir():
         raise SourceError(f"{where}: the folder {root} does not exist" if not root.exists() else f"{where}: {root} is not a folder")
+    boundary = boundary or DatasetRoot(root)
     if labels:
         manifest = Path(labels).expanduser()
         manifest = manifest if manifest.is_absolute() else root / manifest
-        return _manifest_items(root, manifest)
+        return _manifest_items(DatasetRoot(root), manifest, boundary)
     items = []
-    for path in _walk_files(root, where):
+    for path, escapes in _walk_files(root, boundary, where):
+        if escapes:
+            items.append(outside(str(path), str(path)))
+            continue
         parts = path.relative_to(root).parts
         # A file directly under the root has no class folder: listed unlabelled so the ingest rejects it.
         items.append(SourceItem(str(path), parts[0] if len(parts) > 1 else None, {}))
     return items
 
 
-def _walk_files(root: Path, where: str) -> Iterator[Path]:
-    """Every non-hidden file below root, sorted, following folder links once (no cycles)."""
+def _walk_files(root: Path, boundary: DatasetRoot, where: str) -> Iterator[tuple[Path, bool]]:
+    """(path, leaves the dataset) for every non-hidden file below root, sorted, following folder links
+    once (no cycles). A link, to a file or a folder, that resolves outside the boundary is yielded as
+    leaving it, and a folder link of that kind is not entered: nothing outside is listed or read."""
 
     def unreadable(error: OSError):
         raise SourceError(f"{where}: cannot read the folder {error.filename}: {error.strerror}")
@@ -143,13 +147,21 @@ def _walk_files(root: Path, where: str) -> Iterator[Path]:
             dirnames[:] = []
             continue
         seen.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        entered = []
+        for name in sorted(d for d in dirnames if not d.startswith(".")):
+            folder = Path(dirpath, name)
+            if os.path.islink(folder) and not boundary.holds(folder):
+                yield folder, True
+            else:
+                entered.append(name)
+        dirnames[:] = entered
         for name in sorted(filenames):
             if not name.startswith("."):
-                yield Path(dirpath, name)
+                path = Path(dirpath, name)
+                yield path, os.path.islink(path) and not boundary.holds(path)
 
 
-def _manifest_items(root: Path, manifest: Path) -> list[SourceItem]:
+def _manifest_items(root: DatasetRoot, manifest: Path, boundary: DatasetRoot) -> list[SourceItem]:
     try:
         text = manifest.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
@@ -158,9 +170,16 @@ def _manifest_items(root: Path, manifest: Path) -> list[SourceItem]:
         raise SourceError(f"{manifest}: cannot read the manifest: {e}") from None
 
     def locate(value: str) -> str:
-        return os.path.normpath(os.path.join(root, os.path.expanduser(value)))
+        path = root.join(value)
+        if not boundary.holds(path):
+            raise OutsideDataset(path)
+        return path
 
     return _csv_items(text, str(manifest), "path", locate)
+
+
+class OutsideDataset(Exception):
+    """A manifest row names a path outside the dataset (the normalized path in args[0])."""
 
 
 # --- url_list -----------------------------------------------------------------------------------
@@ -201,7 +220,9 @@ def _url_list_items(spec: DatasetSpec, where: str) -> list[SourceItem]:
 def _csv_items(text: str, name: str, key: str, locate) -> list[SourceItem]:
     """Items from a CSV with columns `key` (turned into a URI by `locate`) and label, others as attributes.
 
-    Identical repeated rows are listed once; rows naming the same URI differently are a SourceError.
+    A row whose path leaves the dataset (locate raises OutsideDataset) and a row that repeats an
+    earlier one exactly are listed as rejections (`outside_dataset`, `repeated_row`), so every row
+    is accounted for; rows naming the same URI with different values are a SourceError.
     """
     reader = csv.reader(io.StringIO(text))
     header = [h.strip() for h in next(reader, [])]
@@ -214,6 +235,7 @@ def _csv_items(text: str, name: str, key: str, locate) -> list[SourceItem]:
     key_col, label_col = header.index(key), header.index("label")
     extra = [(i, h) for i, h in enumerate(header) if i not in (key_col, label_col)]
     items: dict[str, tuple[int, SourceItem]] = {}
+    rejections: list[SourceItem] = []
     conflicts = []
     for row in reader:
         line = reader.line_num
@@ -227,19 +249,23 @@ def _csv_items(text: str, name: str, key: str, locate) -> list[SourceItem]:
             raise SourceError(f"{name}: line {line} has an empty {key!r}")
         try:
             uri = locate(cells[key_col])
+            item = SourceItem(uri, cells[label_col] or None, {h: _parse_value(cells[i]) for i, h in extra})
+        except OutsideDataset as e:
+            uri, item = e.args[0], outside(e.args[0], cells[key_col])
         except ValueError as e:
             raise SourceError(f"{name}: line {line}: {e}") from None
-        item = SourceItem(uri, cells[label_col] or None, {h: _parse_value(cells[i]) for i, h in extra})
         if uri in items:
             first_line, first = items[uri]
             if first != item:
                 conflicts.append(f"lines {first_line} and {line} both name {uri} with different values")
+            else:
+                rejections.append(rejection(f"{name}#line={line}", "repeated_row", f"{name}: line {line} repeats line {first_line} ({uri})"))
             continue
         items[uri] = (line, item)
     if conflicts:
         more = f" (and {len(conflicts) - 3} more)" if len(conflicts) > 3 else ""
         raise SourceError(f"{name}: {'; '.join(conflicts[:3])}{more}; keep one row per {key}")
-    return [item for _, item in items.values()]
+    return [item for _, item in items.values()] + rejections
 
 
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
@@ -306,21 +332,23 @@ def _locked(path: Path):
 
 
 def fetch_items(
-    items: Iterable[SourceItem], workers: int = 16, timeout: float = 30.0, retries: int = 3, max_bytes: int = MAX_FETCH_BYTES
+    items: Iterable[SourceItem], workers: int = 16, timeout: float = 30.0, retries: int = 3,
+    max_bytes: int = MAX_FETCH_BYTES, incoming: Path | None = None,
 ) -> Iterator[Fetched]:
     """Yield one Fetched per item, in completion order, from `workers` threads.
 
     At most 2 x workers items are in flight, so memory stays bounded however long the list. URLs
-    retry 5xx, 429, timeouts and dropped connections with exponential backoff; a failure is a
-    Fetched with a reason, never an exception.
+    stream to files in `incoming` (default: a temp folder) and retry 5xx, 429, timeouts and dropped
+    connections with exponential backoff; a failure is a Fetched with a reason, never an exception.
     """
+    incoming = Path(incoming) if incoming is not None else Path(tempfile.gettempdir())
     pending: set[Future] = set()
     todo = iter(items)
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fetch")
     try:
         while True:
             for item in todo:
-                pending.add(pool.submit(_fetch_one, item, timeout, retries, max_bytes))
+                pending.add(pool.submit(_fetch_one, item, timeout, retries, max_bytes, incoming))
                 if len(pending) >= 2 * workers:
                     break
             if not pending:
@@ -333,12 +361,12 @@ def fetch_items(
         pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _fetch_one(item: SourceItem, timeout: float, retries: int, max_bytes: int) -> Fetched:
+def _fetch_one(item: SourceItem, timeout: float, retries: int, max_bytes: int, incoming: Path) -> Fetched:
     uri = item.uri
     scheme = urlsplit(uri).scheme
     if scheme in ("http", "https"):
         try:
-            return Fetched(item, fetch_bytes(uri, timeout, retries, max_bytes), None, None)
+            return Fetched(item, None, None, None, file=fetch_to_file(uri, incoming, timeout, retries, max_bytes))
         except FetchFailed as f:
             return Fetched(item, None, f.reason, f.detail)
     if scheme == "synthetic":

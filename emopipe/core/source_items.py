@@ -1,0 +1,55 @@
+"""What a dataset source lists: items (a path or URL, a raw label, attributes), rejections the listing
+already knows about, and the rule that keeps a dataset's paths inside its dataset.
+
+Its own module so that every source kind (core/sources.py, core/dataset_formats.py) and the ingest
+share one definition without importing each other.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Attributes of an item the listing already rejects (label None): the ingest stores a `rejected` row.
+REJECT_REASON = "reject_reason"
+REJECT_DETAIL = "reject_detail"
+OUTSIDE_DATASET = "outside_dataset"
+
+
+@dataclass(frozen=True)
+class SourceItem:
+    uri: str  # absolute local path or URL, unique within a listing
+    label: str | None  # the raw label; the ingest applies class_map
+    attributes: dict = field(default_factory=dict)  # extra manifest columns (numbers parsed)
+
+
+def rejection(uri: str, reason: str, detail: str) -> SourceItem:
+    return SourceItem(uri, None, {REJECT_REASON: reason, REJECT_DETAIL: detail})
+
+
+def outside(uri: str, written: str) -> SourceItem:
+    """A path that leaves its dataset: rejected with the path as written, never opened."""
+    return rejection(uri, OUTSIDE_DATASET, written)
+
+
+class DatasetRoot:
+    """The folder a dataset's paths must stay in, symlinks resolved.
+
+    A manifest row, a JSON entry or a symlink can name any file on the machine; a downloaded
+    archive could use that to make the ingest read (and store, and quote) local files. So every
+    local path a source yields is resolved with os.path.realpath (which follows every link) and
+    must lie under the resolved root; links that stay inside keep working.
+    """
+
+    def __init__(self, root: Path | str):
+        self.root = Path(root)
+        self.real = os.path.realpath(root)
+
+    def holds(self, path: str | Path) -> bool:
+        real = os.path.realpath(path)
+        return real == self.real or real.startswith(os.path.join(self.real, ""))
+
+    def join(self, written: str) -> str:
+        """The absolute, normalized path of `written` (relative to the root, or absolute)."""
+        return os.path.normpath(os.path.join(self.root, os.path.expanduser(written)))
