@@ -9,9 +9,12 @@ import pytest
 from emopipe.core.evaluation import write_evaluation
 from emopipe.core.filtered_images import filter_images
 from emopipe.core.splits import make_split
-from emopipe.core.trace import TraceError, format_trace, trace, verify
+from emopipe.core.images import build_arrays
+from emopipe.core.trace import TraceError, format_trace, trace
+from emopipe.core.trained_model import CHECKPOINT_FORMAT
+from emopipe.core.verify import verify
 from emopipe.fingerprint import params_hash, rows_fingerprint, sha256_bytes
-from emopipe.paths import object_path
+from emopipe.paths import objects_dir, object_path
 from emopipe_tests.conftest import encode
 
 CLASSES = ["amusement", "fear", "sadness"]
@@ -44,6 +47,16 @@ def _store(db, dataset: str, blobs: list[bytes], labels: list[str]) -> list[str]
     return ids
 
 
+def write_checkpoint(path, **record) -> str:
+    """A checkpoint file with emopipe's record inside (no weights: verify reads the record, never the
+    network); returns its sha256, the model id."""
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": {}, "info": json.dumps({"format": CHECKPOINT_FORMAT, **record}, sort_keys=True)}, path)
+    return sha256_bytes(path.read_bytes())
+
+
 @pytest.fixture
 def lineage(db, data_dir, photos):
     """Images -> text filter -> split (the real writers of those stages) -> model row -> evaluation."""
@@ -61,15 +74,17 @@ def lineage(db, data_dir, photos):
                          [(i, params_hash(params), n == 0) for n, i in enumerate(ids)])
     fid = filter_images(db, experiment=EXPERIMENT, dataset="toy", text_filter=True,
                         params_hash=params_hash(params), params=params).filter_id
+    # the 32 px arrays the split's near-duplicate groups come from (verify makes the split again)
+    build_arrays(db, ids, 32, objects_root=objects_dir(), arrays_root=data_dir / "arrays", workers=1, log=lambda _: None)
     split = make_split(db, experiment=EXPERIMENT, dataset="toy", filter_id=fid, scheme="40/30/30", seed=0)
     with db.connect() as conn:
         parts = {p: [r[0] for r in conn.execute("SELECT image_id FROM splits WHERE split_id = ? AND part = ? ORDER BY image_id",
                                                  [split.split_id, p]).fetchall()] for p in ("train", "val", "test")}
     # a checkpoint file; its sha256 is the model id
     checkpoint = data_dir / "models" / "toy.ckpt"
-    checkpoint.parent.mkdir()
-    checkpoint.write_bytes(b"not really weights, but bytes with a hash " * 100)
-    model_id = sha256_bytes(checkpoint.read_bytes())
+    model_id = write_checkpoint(checkpoint, architecture="resnet18", hyperparameters={"lr": 0.001, "batch_size": 4},
+                                epochs_run=3, best_epoch=2, history=None, split_id=split.split_id, classes=CLASSES,
+                                experiment={"name": EXPERIMENT})
     with db.transaction() as conn:
         conn.execute("INSERT INTO models (model_id, experiment, split_id, split_fingerprint, architecture, hyperparameters, "
                      "classes, epochs_run, best_epoch, checkpoint_path) VALUES (?, ?, ?, ?, 'resnet18', ?, ?, 3, 2, ?)",
@@ -92,8 +107,9 @@ def lineage(db, data_dir, photos):
 
 
 def test_consistent_lineage_verifies(db, lineage):
-    assert verify(db, EXPERIMENT, full=True) == []
-    assert verify(db, EXPERIMENT, sample=3, seed=1) == []
+    full = verify(db, EXPERIMENT, full=True)
+    assert full.problems == [] and full.files_hashed == full.files_total == 17  # 14 split images, 3 evaluated of "other"
+    assert verify(db, EXPERIMENT, sample=3).problems == []
 
 
 def test_trace_walks_from_the_number_to_the_images(db, lineage):
@@ -129,7 +145,7 @@ def test_trace_walks_from_the_number_to_the_images(db, lineage):
 
 def test_overwritten_checkpoint_is_named(db, lineage):
     lineage.checkpoint.write_bytes(b"different weights")
-    problems = verify(db, EXPERIMENT)
+    problems = verify(db, EXPERIMENT).problems
     assert [(p.where, p.id, p.expected) for p in problems] == [("checkpoint", str(lineage.checkpoint), lineage.model_id)]
 
 
@@ -137,7 +153,7 @@ def test_edited_split_row_is_named(db, lineage):
     moved = lineage.parts["test"][0]
     with db.transaction() as conn:
         conn.execute("UPDATE splits SET part = 'train' WHERE image_id = ?", [moved])
-    problems = verify(db, EXPERIMENT)
+    problems = verify(db, EXPERIMENT).problems
     assert any(p.where == "splits" and p.id == lineage.split_id and p.expected == lineage.split_id for p in problems)
     # models.split_fingerprint (and split_runs.fingerprint) no longer match the rows
     assert any(p.where == "models" and p.expected == lineage.split_id != p.actual for p in problems)
@@ -149,10 +165,10 @@ def test_modified_image_object_is_named(db, lineage):
     changed = lineage.parts["train"][2]
     path = object_path(changed)
     path.write_bytes(path.read_bytes() + b"\0")
-    problems = verify(db, EXPERIMENT, full=True)
+    problems = verify(db, EXPERIMENT, full=True).problems
     assert [(p.where, p.id, p.expected) for p in problems] == [("object", changed, changed)]
     object_path(lineage.parts["val"][0]).unlink()
-    assert {p.id for p in verify(db, EXPERIMENT, full=True)} == {changed, lineage.parts["val"][0]}
+    assert {p.id for p in verify(db, EXPERIMENT, full=True).problems} == {changed, lineage.parts["val"][0]}
 
 
 def test_edited_prediction_no_longer_reproduces_the_metrics(db, lineage):
@@ -168,7 +184,7 @@ def test_edited_prediction_no_longer_reproduces_the_metrics(db, lineage):
     with db.transaction() as conn:
         conn.execute("UPDATE predictions SET predicted = ?, scores = ? WHERE image_id = ? AND dataset = 'toy'",
                      [new, json.dumps({c: float(c == new) for c in CLASSES}), image_id])
-    problems = verify(db, EXPERIMENT)
+    problems = verify(db, EXPERIMENT).problems
     assert problems and {p.where for p in problems} == {"metrics"}
     assert any(p.id.endswith("toy/test accuracy") for p in problems)
     assert not any("val" in p.id or "other" in p.id for p in problems)
@@ -178,7 +194,7 @@ def test_removed_filtered_image_is_named(db, lineage):
     dropped = lineage.parts["val"][0]
     with db.transaction() as conn:
         conn.execute("DELETE FROM filtered_images WHERE filter_id = ? AND image_id = ?", [lineage.filter_id, dropped])
-    problems = verify(db, EXPERIMENT)
+    problems = verify(db, EXPERIMENT).problems
     assert {(p.where, p.id) for p in problems} == {("filtered_images", lineage.filter_id), ("filter_runs", lineage.filter_id),
                                                    ("splits", lineage.split_id)}
     assert any(dropped in str(p.actual) for p in problems if p.where == "splits")
@@ -187,22 +203,24 @@ def test_removed_filtered_image_is_named(db, lineage):
 def test_regression_predictions_reproduce_their_metrics(db, lineage, data_dir):
     """A valence/arousal model on the same split: its MSE is recomputed from the stored JSON values."""
     checkpoint = data_dir / "models" / "va.ckpt"
-    checkpoint.write_bytes(b"regression weights")
-    model_id = sha256_bytes(checkpoint.read_bytes())
+    model_id = write_checkpoint(checkpoint, split_id=lineage.split_id, targets=["valence", "arousal"], experiment={"name": "toy_va"})
     with db.transaction() as conn:
-        conn.execute("INSERT INTO models (model_id, experiment, split_id, split_fingerprint, checkpoint_path) "
-                     "VALUES (?, 'toy_va', ?, ?, ?)", [model_id, lineage.split_id, lineage.split_id, str(checkpoint)])
+        conn.execute("INSERT INTO models (model_id, experiment, split_id, split_fingerprint, classes, checkpoint_path) "
+                     "VALUES (?, 'toy_va', ?, ?, ?, ?)", [model_id, lineage.split_id, lineage.split_id,
+                                                          json.dumps(["valence", "arousal"]), str(checkpoint)])
     test = lineage.parts["test"]
     rng = np.random.default_rng(3)
-    targets = rng.random((len(test), 2))
-    targets[0, 1] = np.nan  # a missing annotation
-    write_evaluation(db, experiment="toy_va", model_id=model_id, split_id=lineage.split_id, dataset="toy", part="test",
-                     image_ids=test, labels=targets, scores=rng.random((len(test), 2)).astype(np.float32),
-                     classes=["valence", "arousal"], task="regression")
-    assert verify(db, "toy_va", full=True) == []
+    for part in ("val", "test"):
+        members = lineage.parts[part]
+        targets = rng.random((len(members), 2))
+        targets[0, 1] = np.nan  # a missing annotation
+        write_evaluation(db, experiment="toy_va", model_id=model_id, split_id=lineage.split_id, dataset="toy", part=part,
+                         image_ids=members, labels=targets, scores=rng.random((len(members), 2)).astype(np.float32),
+                         classes=["valence", "arousal"], task="regression")
+    assert verify(db, "toy_va", full=True).problems == []
     with db.transaction() as conn:
         conn.execute("UPDATE predictions SET predicted = ?, scores = ? WHERE model_id = ? AND image_id = ?",
                      ['{"valence": 9.0, "arousal": 9.0}'] * 2 + [model_id, test[1]])
-    problems = verify(db, "toy_va")
+    problems = verify(db, "toy_va").problems
     assert problems and {p.where for p in problems} == {"metrics"}
     assert any(p.id.endswith("toy/test mse") for p in problems)

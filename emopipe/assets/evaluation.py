@@ -11,7 +11,7 @@ from emopipe.core.evaluation import (
 )
 from emopipe.core.images import load_array
 from emopipe.core.raw_images import attribute_matrix
-from emopipe.core.trace import verify
+from emopipe.core.verify import verify
 from emopipe.core.trained_model import load_checkpoint, predict
 from emopipe.fingerprint import sha256_file
 from emopipe.paths import data_dir, objects_dir
@@ -87,9 +87,11 @@ def evaluation(context: dg.AssetExecutionContext, duckdb: DuckDBResource, traine
 def lineage_verified(context: dg.AssetCheckExecutionContext, duckdb: DuckDBResource) -> dg.AssetCheckResult:
     exp = experiment(context)
     model_id = recorded_metadata(context, "evaluation")["model_id"]
-    problems = verify(database(duckdb), exp.name, model_id=model_id, objects_root=objects_dir())
+    report = verify(database(duckdb), exp.name, model_id=model_id, objects_root=objects_dir())
+    problems = report.problems
     return dg.AssetCheckResult(
         passed=not problems,
-        metadata={"model_id": model_id, "problems": dg.MetadataValue.md("\n".join(f"- {p}" for p in problems) or "none")},
+        metadata={"model_id": model_id, "image_files_hashed": report.files_hashed, "image_files": report.files_total,
+                  "problems": dg.MetadataValue.md("\n".join(f"- {p}" for p in problems) or "none")},
         description=f"{len(problems)} mismatch(es): {problems[0]}" if problems else "every hash and fingerprint recomputed matches",
     )

@@ -4,15 +4,7 @@ import dagster as dg
 from dagster_duckdb import DuckDBResource
 
 from emopipe.assets.common import CATALOG, database, experiment, experiment_partitions, markdown_table, recorded_metadata, user_errors
-from emopipe.core.filtered_images import kept_image_ids
-from emopipe.core.images import load_array
-from emopipe.core.splits import duplicate_groups, make_split, perceptual_hash, verify_split
-
-
-def near_duplicate_groups(db, filter_id: str) -> dict[str, str]:
-    """Groups of near-identical images among the kept ones, by perceptual hash of their 32 px arrays."""
-    ids = kept_image_ids(db, filter_id)
-    return duplicate_groups(ids, perceptual_hash(load_array(db, ids, 32))) if ids else {}
+from emopipe.core.splits import make_split, near_duplicate_groups, verify_split
 
 
 @dg.asset(

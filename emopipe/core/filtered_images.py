@@ -42,6 +42,39 @@ def filter_id_of(params_hash: str | None, kept: list[str]) -> str:
     return h.hexdigest()
 
 
+@dataclass(frozen=True)
+class FilterDecisions:
+    """What the stored text_scores decide for a dataset's images now (read only)."""
+
+    n_input: int
+    n_unscored: int  # images without a text_scores row for the params_hash
+    n_removed: int
+    n_unreadable: int
+    example_unscored: str | None
+    kept: list[str]  # sorted
+
+
+# Each image of the dataset with its decision; with the filter off, no row joins (key is NULL).
+_SCORED = """
+    SELECT i.image_id, i.label, s.has_text, s.image_id IS NOT NULL AS has_row
+    FROM images i LEFT JOIN text_scores s ON s.image_id = i.image_id AND s.params_hash = $2
+    WHERE i.dataset = $1"""
+
+
+def decide(conn, dataset: str, text_filter: bool, params_hash: str | None) -> FilterDecisions:
+    """The kept set and the counts, from the `images` and `text_scores` rows on `conn`. Shared by
+    filter_images and the lineage verification, so both apply the one rule."""
+    key = params_hash if text_filter else None
+    n_input, n_unscored, n_removed, n_unreadable, example = conn.execute(
+        f"SELECT count(*), count(*) FILTER (NOT has_row), count(*) FILTER (has_text),"
+        f" count(*) FILTER (has_row AND has_text IS NULL), min(image_id) FILTER (NOT has_row)"
+        f" FROM ({_SCORED})", [dataset, key]).fetchone()
+    kept = [r[0] for r in conn.execute(
+        f"SELECT image_id FROM ({_SCORED}) WHERE (NOT $3 OR has_text = false) ORDER BY image_id",
+        [dataset, key, text_filter]).fetchall()]
+    return FilterDecisions(n_input, n_unscored, n_removed, n_unreadable, example, kept)
+
+
 def filter_images(
     db: Database, *, experiment: str, dataset: str, text_filter: bool,
     params_hash: str | None, params: dict | None,
@@ -50,34 +83,24 @@ def filter_images(
     if text_filter and not params_hash:
         raise ValueError("text_filter is on but no params_hash names the text_scores decisions to use")
     key = params_hash if text_filter else None
-    # Each image of the dataset with its decision; with the filter off, no row joins (key is NULL).
-    scored = """
-        SELECT i.image_id, i.label, s.has_text, s.image_id IS NOT NULL AS has_row
-        FROM images i LEFT JOIN text_scores s ON s.image_id = i.image_id AND s.params_hash = $2
-        WHERE i.dataset = $1"""
-    kept_if = "(NOT $3 OR has_text = false)"
-    args = [dataset, key, text_filter]
+    args = [dataset, key]
     with db.transaction() as conn:
-        n_input, n_unscored, n_removed, n_unreadable, example_unscored = conn.execute(
-            f"SELECT count(*), count(*) FILTER (NOT has_row), count(*) FILTER (has_text),"
-            f" count(*) FILTER (has_row AND has_text IS NULL), min(image_id) FILTER (NOT has_row)"
-            f" FROM ({scored})", args[:2]).fetchone()
-        if text_filter and n_unscored:
+        decided = decide(conn, dataset, text_filter, key)
+        if text_filter and decided.n_unscored:
             raise MissingTextScores(
-                f"{n_unscored} of {n_input} images of dataset {dataset!r} have no text_scores row for "
-                f"params_hash {key} (e.g. {example_unscored}): run text_scores first")
-        kept = [r[0] for r in conn.execute(
-            f"SELECT image_id FROM ({scored}) WHERE {kept_if} ORDER BY image_id", args).fetchall()]
+                f"{decided.n_unscored} of {decided.n_input} images of dataset {dataset!r} have no text_scores row for "
+                f"params_hash {key} (e.g. {decided.example_unscored}): run text_scores first")
+        kept = decided.kept
         per_class = dict(conn.execute(
-            f"SELECT label, count(*) FROM ({scored}) WHERE has_text GROUP BY label ORDER BY label", args[:2]).fetchall())
+            f"SELECT label, count(*) FROM ({_SCORED}) WHERE has_text GROUP BY label ORDER BY label", args).fetchall())
         examples = [r[0] for r in conn.execute(
-            f"SELECT image_id FROM ({scored}) WHERE has_text ORDER BY image_id LIMIT {N_EXAMPLES}", args[:2]).fetchall()]
+            f"SELECT image_id FROM ({_SCORED}) WHERE has_text ORDER BY image_id LIMIT {N_EXAMPLES}", args).fetchall()]
         input_fingerprint = rows_fingerprint(conn.execute(
             "SELECT image_id, label FROM images WHERE dataset = $1", [dataset]).fetchall())
         filter_id = filter_id_of(key, kept)
         result = FilterResult(
-            filter_id=filter_id, n_input=n_input, n_kept=len(kept), n_removed=n_removed,
-            n_unreadable=n_unreadable, removed_per_class=per_class, removed_examples=examples,
+            filter_id=filter_id, n_input=decided.n_input, n_kept=len(kept), n_removed=decided.n_removed,
+            n_unreadable=decided.n_unreadable, removed_per_class=per_class, removed_examples=examples,
             input_fingerprint=input_fingerprint,
         )
         conn.execute(

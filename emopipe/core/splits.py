@@ -48,6 +48,8 @@ import scipy.fft
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from emopipe.core.filtered_images import kept_image_ids
+from emopipe.core.images import load_array
 from emopipe.db import CONNECTION_CONFIG, Database
 from emopipe.errors import UserError
 from emopipe.fingerprint import rows_fingerprint
@@ -221,6 +223,22 @@ def make_split(
         n_groups_merged=done.n_groups_merged, small_classes=done.small_classes, notes=done.notes,
         markdown=counts_markdown(done.counts),
     )
+
+
+def near_duplicate_groups(db: Database, filter_id: str) -> dict[str, str]:
+    """Groups of near-identical images among the kept ones, by perceptual hash of their 32 px arrays."""
+    ids = kept_image_ids(db, filter_id)
+    return duplicate_groups(ids, perceptual_hash(load_array(db, ids, 32))) if ids else {}
+
+
+def recomputed_split_id(db: Database, *, dataset: str, filter_id: str, scheme: str, seed: int,
+                        split_column: str = "split") -> str:
+    """The split id that `make_split` gives for these settings on the stored rows now (nothing written):
+    what a stored split_runs row's scheme, seed and filter are checked against."""
+    with db.connect() as conn:
+        items = _load_filtered(conn, dataset, filter_id, split_column)
+    rows = assign_parts(items, near_duplicate_groups(db, filter_id), parse_scheme(scheme), seed).rows
+    return rows_fingerprint(zip(rows["image_id"].to_pylist(), rows["part"].to_pylist()))
 
 
 def assign_parts(

@@ -808,6 +808,12 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict]:
     return net.eval(), info
 
 
+def checkpoint_info(path: str | Path) -> dict:
+    """The record stored inside an emopipe checkpoint: architecture, hyperparameters, history, best_epoch,
+    epochs_run, classes/targets, split_id; what the `models` row of that checkpoint must repeat."""
+    return _read_checkpoint(Path(path))[1]
+
+
 def _read_checkpoint(path: Path) -> tuple[dict, dict]:
     if not path.is_file():
         raise TrainingError(f"checkpoint {path} does not exist")
