@@ -21,6 +21,7 @@ from emopipe.assets.text_scores import text_detection_quality, text_scores
 from emopipe.assets.trained_model import trained_model
 from emopipe.assets.tuned_hyperparams import tuned_hyperparams
 from emopipe.automation import build_data_sensor, build_schedules
+from emopipe.dead_runs import dead_runs
 from emopipe.db import CONNECTION_CONFIG
 from emopipe.paths import data_dir, db_path
 
@@ -37,7 +38,7 @@ defs = dg.Definitions(
     asset_checks=CHECKS,
     jobs=[main_job],
     schedules=build_schedules(CATALOG),
-    sensors=[build_data_sensor(CATALOG)],
+    sensors=[build_data_sensor(CATALOG), dead_runs],
     resources={
         "duckdb": DuckDBResource(database=str(db_path()), connection_config=CONNECTION_CONFIG),
         # Asset outputs are small handles (ids and fingerprints); the data itself lives in DuckDB and data/.

@@ -40,13 +40,17 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+# Marks a Failure that is a user mistake: `emopipe run` prints its message as one line, no traceback.
+USER_ERROR = "emopipe/user_error"
+
+
 @contextmanager
 def user_errors():
     """Turn a user mistake into a Dagster Failure: its message shown as is, no retries."""
     try:
         yield
     except UserError as e:
-        raise dg.Failure(description=str(e), allow_retries=False) from None
+        raise dg.Failure(description=str(e), allow_retries=False, metadata={USER_ERROR: True}) from None
 
 
 def require_dataset_unchanged(db: Database, dataset: str, recorded: str, since: str) -> None:
