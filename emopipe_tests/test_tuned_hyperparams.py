@@ -1,3 +1,5 @@
+import importlib.util
+import threading
 import time
 
 import numpy as np
@@ -5,10 +7,11 @@ import pytest
 
 from emopipe.catalog import ExperimentSpec, TuneSpec
 from emopipe.core.trained_model import TrainingData
+from emopipe.core.tuned_hyperparams import tune_hyperparameters
+from emopipe_tests.sockets import listeners
 
-ray = pytest.importorskip("ray", reason="the tune extra (ray[tune]) is not installed")
-
-from emopipe.core.tuned_hyperparams import tune_hyperparameters  # noqa: E402
+# Not imported here: emopipe keeps Ray on loopback by settings Ray reads when it is first imported.
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="the tune extra (ray[tune]) is not installed")
 
 
 def _data(n_train: int = 24, n_val: int = 12, size: int = 32) -> TrainingData:
@@ -34,9 +37,28 @@ def test_population_based_training_perturbs_and_picks_a_trial_config(data_dir, t
         batch_size=8, lr=3e-3, weight_decay=0.01, augment=False,
         tune=TuneSpec(population=2, perturbation_interval=2, epochs=4, quantile_fraction=0.5))
     logs = []
+    before = {(s.address, s.port) for s in listeners()}
+    opened, tuning = set(), threading.Event()
+
+    def watch():  # every socket that starts listening while the tuning runs (Ray's GCS, raylet, workers, agents)
+        while not tuning.is_set():
+            opened.update(s for s in listeners() if (s.address, s.port) not in before)
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
     started = time.perf_counter()
-    result = tune_hyperparameters(experiment, _data(), work_dir=tmp_path / "models", log=logs.append, num_cpus=2)
+    try:
+        result = tune_hyperparameters(experiment, _data(), work_dir=tmp_path / "models", log=logs.append, num_cpus=2)
+    finally:
+        tuning.set()
+        watcher.join()
     print(f"PBT: {time.perf_counter() - started:.1f} s")
+    ray_servers = [s for s in opened if "ray" in s.command]
+    assert len({s.pid for s in ray_servers}) >= 3, opened  # GCS, raylet, workers: the watch saw them
+    assert all(s.loopback for s in opened), [s for s in opened if not s.loopback]
+    import ray
+
     # the same tuning again: the stored result, no Ray
     assert tune_hyperparameters(experiment, _data(), work_dir=tmp_path / "models", log=logs.append) == result
     assert "already tuned" in logs[-1] and not ray.is_initialized()

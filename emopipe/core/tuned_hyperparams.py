@@ -72,6 +72,22 @@ def search_space(experiment: ExperimentSpec, n_train: int) -> dict:
             "batch_size": tune.choice(sizes)}
 
 
+# Ray's own switch for "this machine is no cluster": with it off, the node's address is the loopback one, and
+# GCS, raylet, workers, object manager and runtime-env agent bind it. `_node_ip_address="127.0.0.1"` alone is
+# not enough: Ray replaces a loopback node address by the machine's external one, and its servers then listen
+# on every interface (Ray has no authentication by default). Read when Ray is imported, and inherited by the
+# processes Ray starts.
+RAY_LOOPBACK_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def _local_ray():
+    os.environ.setdefault(RAY_LOOPBACK_ONLY, "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage report to the internet
+    import ray
+
+    return ray
+
+
 def tune_hyperparameters(experiment: ExperimentSpec, data: TrainingData, *, work_dir: Path, log: Log = print,
                          num_cpus: int | None = None, feature_cache: Path | None = None) -> TuneResult:
     """Run PBT for experiment.tune and return the best trial's hyperparameters and every trial's history.
@@ -80,7 +96,7 @@ def tune_hyperparameters(experiment: ExperimentSpec, data: TrainingData, *, work
     if experiment.tune is None:
         raise ValueError(f"experiment {experiment.name!r} has no tune settings")
     try:
-        import ray
+        ray = _local_ray()
         from ray import tune
         from ray.tune.schedulers import PopulationBasedTraining
         from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -112,9 +128,12 @@ def tune_hyperparameters(experiment: ExperimentSpec, data: TrainingData, *, work
     started_here = not ray.is_initialized()
     ray_temp, ray_temp_is_ours = _ray_temp_dir(log) if started_here else (None, False)
     if started_here:
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage report to the internet
         ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
                  _temp_dir=str(ray_temp), log_to_driver=False, configure_logging=False)
+        if ray.util.get_node_ip_address() != "127.0.0.1":
+            ray.shutdown()
+            raise TuneError(f"Ray's node took the address {ray.util.get_node_ip_address()}, not 127.0.0.1: Ray was imported "
+                            f"before emopipe could keep it on loopback; set {RAY_LOOPBACK_ONLY}=0 before starting Python")
     try:
         trainable = tune.with_resources(
             tune.with_parameters(_trial, experiment=experiment, data=data, features=inputs, threads=cpus_per_trial),
