@@ -1,4 +1,4 @@
-"""Training on several GPUs or machines: DistributedDataParallel processes started by torchrun.
+"""Training on several GPUs or machines: DistributedDataParallel processes (torchrun across machines).
 
 The parent (the `trained_model` asset) trains nothing and loads no model: it writes the training data
 once into the run folder (<work_dir>/runs/<run key>/job/: one .npy file per array, memory-mapped by
@@ -7,10 +7,13 @@ every rank, plus job.json), starts `python -m torch.distributed.run ... -m emopi
 (one read-write process per file), and the parent records the `models` row from the result.json that
 rank 0 writes. Each rank runs train_model's loop (trained_model.py) on its shard of every epoch.
 
-One machine: torchrun's static rendezvous on 127.0.0.1 at a free port. Several machines: the
-rendezvous endpoint (host:port of the first node) comes from the caller or EMOPIPE_RDZV_ENDPOINT,
-and the same torchrun command, logged by the parent, is run on every other node; the data directory
-must be on storage that all nodes mount at the same path.
+One machine: no torchrun. The parent starts the ranks itself and they meet in a FileStore in the job
+folder, so no port is opened for the rendezvous: torchrun's rendezvous server (a TCPStore) listens on
+every interface whatever address it is given, and has no authentication. Gloo and NCCL's bootstrap
+then connect over the loopback interface. Several machines: torchrun; the rendezvous endpoint
+(host:port of the first node) comes from the caller or EMOPIPE_RDZV_ENDPOINT, and the same torchrun
+command, logged by the parent, is run on every other node; the data directory must be on storage that
+all nodes mount at the same path.
 """
 
 from __future__ import annotations
@@ -19,9 +22,10 @@ import json
 import os
 import shlex
 import shutil
-import socket
+import queue
 import subprocess
 import sys
+import threading
 from collections import deque
 from datetime import timedelta
 from pathlib import Path
@@ -37,6 +41,8 @@ from emopipe.core.trained_model import (Log, TrainingData, TrainingError, TrainR
 from emopipe.paths import data_dir
 
 RDZV_ENDPOINT_ENV = "EMOPIPE_RDZV_ENDPOINT"
+STORE_ENV = "EMOPIPE_RANK_STORE"  # one machine: the FileStore the ranks meet in
+STORE_FILE = "rendezvous"
 # Rank 0 alone fills a linear probe's feature cache while the others wait in a barrier.
 COLLECTIVE_TIMEOUT = timedelta(minutes=60)
 ARRAYS = ("x_train", "x_val", "y_train", "y_val")
@@ -75,15 +81,18 @@ def train_distributed(experiment: ExperimentSpec, data: TrainingData, *, split_i
     job_dir = write_job(run_dir / "job", experiment, data, split_id=split_id, work_dir=work_dir,
                         feature_cache=Path(feature_cache).resolve() if feature_cache else data_dir().resolve() / "features",
                         device="cuda" if use_cuda else "cpu")
-    command = torchrun_command(experiment, job_dir, rdzv_endpoint=rdzv_endpoint, run_id=run_dir.name[:16])
-    if experiment.nodes > 1:
+    if experiment.nodes == 1:
+        log(f"{experiment.name}: {world} training processes on this machine, meeting in {job_dir / STORE_FILE}")
+        _run_ranks(rank_command(job_dir), world, job_dir / STORE_FILE, _environment(experiment, use_cuda), log)
+    else:
+        command = torchrun_command(experiment, job_dir, rdzv_endpoint=rdzv_endpoint, run_id=run_dir.name[:16])
         log(f"{experiment.name}: waiting for {experiment.nodes - 1} more node(s); on each, in this project's "
             f"environment, run: {shlex.join(['torchrun', *command[3:]])}")
-    log(f"{experiment.name}: {shlex.join(command)}")
-    _run(command, _environment(experiment, use_cuda), log)
+        log(f"{experiment.name}: {shlex.join(command)}")
+        _run(command, _environment(experiment, use_cuda), log)
     result = finished_result(run_dir)
     if result is None:
-        raise TrainingError(f"experiment {experiment.name!r}: torchrun finished but {run_dir / 'result.json'} "
+        raise TrainingError(f"experiment {experiment.name!r}: the training processes finished but {run_dir / 'result.json'} "
                             f"names no checkpoint")
     shutil.rmtree(job_dir, ignore_errors=True)  # a copy of the arrays; the run folder keeps last.pt
     return result
@@ -107,28 +116,72 @@ def write_job(job_dir: Path, experiment: ExperimentSpec, data: TrainingData, *, 
     return job_dir
 
 
+def rank_command(job_dir: Path) -> list[str]:
+    return [sys.executable, "-m", "emopipe.core.distributed", str(job_dir)]
+
+
 def torchrun_command(experiment: ExperimentSpec, job_dir: Path, *, rdzv_endpoint: str | None = None,
                      run_id: str = "emopipe") -> list[str]:
-    """python -m torch.distributed.run with this machine's processes and the rendezvous."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(experiment.nodes),
-               "--nproc-per-node", str(experiment.gpus), "--max-restarts", "0"]
-    if experiment.nodes == 1:
-        # Static rendezvous on the loopback address: nothing listens beyond this machine.
-        command += ["--node-rank", "0", "--master-addr", "127.0.0.1", "--master-port", str(_free_port())]
-    else:
-        endpoint = rdzv_endpoint or os.environ.get(RDZV_ENDPOINT_ENV)
-        if not endpoint:
-            raise TrainingError(
-                f"experiment {experiment.name!r}: nodes: {experiment.nodes} needs a rendezvous endpoint, host:port of "
-                f"the first node reachable from every node: set {RDZV_ENDPOINT_ENV} (see README, 'Scale-out')")
-        command += ["--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", run_id]
-    return command + ["-m", "emopipe.core.distributed", str(job_dir)]
+    """python -m torch.distributed.run for several machines: this machine's processes and the rendezvous."""
+    endpoint = rdzv_endpoint or os.environ.get(RDZV_ENDPOINT_ENV)
+    if not endpoint:
+        raise TrainingError(
+            f"experiment {experiment.name!r}: nodes: {experiment.nodes} needs a rendezvous endpoint, host:port of "
+            f"the first node reachable from every node: set {RDZV_ENDPOINT_ENV} (see README, 'Scale-out')")
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(experiment.nodes),
+            "--nproc-per-node", str(experiment.gpus), "--max-restarts", "0",
+            "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", run_id, *rank_command(job_dir)]
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _run_ranks(command: list[str], world: int, store: Path, env: dict[str, str], log: Log) -> None:
+    """Start `world` ranks of `command` on this machine (RANK, LOCAL_RANK, WORLD_SIZE as torchrun sets them,
+    plus the FileStore), stream their output, and stop the others as soon as one fails."""
+    store.unlink(missing_ok=True)  # a FileStore left by a killed run would hold its old keys
+    read_end, write_end = os.pipe()  # one pipe for all: lines of up to PIPE_BUF bytes do not interleave
+    ranks = []
+    try:
+        for rank in range(world):
+            rank_env = {**env, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+                        "LOCAL_WORLD_SIZE": str(world), STORE_ENV: str(store)}
+            ranks.append(subprocess.Popen(command, env=rank_env, stdout=write_end, stderr=write_end))
+    finally:
+        os.close(write_end)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=_read_lines, args=(read_end, lines), daemon=True).start()
+    tail: deque[str] = deque(maxlen=40)
+    try:  # log() runs here, in the caller's thread: what it raises stops the ranks
+        while True:
+            try:
+                line = lines.get(timeout=0.2)
+            except queue.Empty:
+                if any(r.poll() not in (None, 0) for r in ranks):
+                    break  # one failed: the others would wait for it in a collective
+                continue
+            if line is None:  # every rank closed its output
+                break
+            tail.append(line)
+            log(line)
+    finally:
+        for r in ranks:
+            if r.poll() is None:
+                r.terminate()
+        for r in ranks:
+            try:
+                r.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                r.kill()
+                r.wait()
+    failed = [(n, r.returncode) for n, r in enumerate(ranks) if r.returncode != 0]
+    if failed:
+        raise TrainingError(f"distributed training failed (rank {failed[0][0]} exit code {failed[0][1]}); last output:\n"
+                            + "\n".join(tail))
+
+
+def _read_lines(fd: int, lines: queue.Queue) -> None:
+    with os.fdopen(fd, errors="replace") as stream:
+        for line in stream:
+            lines.put(line.rstrip())
+    lines.put(None)
 
 
 def _environment(experiment: ExperimentSpec, use_cuda: bool) -> dict[str, str]:
@@ -191,21 +244,24 @@ def experiment_from_dict(d: dict, origin: str = "") -> ExperimentSpec:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """A torchrun worker: `python -m emopipe.core.distributed JOB_DIR` (RANK, WORLD_SIZE, LOCAL_RANK from torchrun)."""
+    """A rank: `python -m emopipe.core.distributed JOB_DIR` (RANK, WORLD_SIZE, LOCAL_RANK from torchrun or _run_ranks)."""
     import torch.distributed as dist
 
     argv = sys.argv[1:] if argv is None else argv
     job, experiment, data = read_job(Path(argv[0]))
     rank, world, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
     if world != job["world_size"]:
-        raise SystemExit(f"torchrun started {world} processes in all but experiment {experiment.name!r} "
+        raise SystemExit(f"{world} processes were started in all but experiment {experiment.name!r} "
                          f"trains with gpus x nodes = {job['world_size']}")
     use_cuda = job["device"] == "cuda"
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
+    # One machine: the FileStore train_distributed named (no port); several: torchrun's env:// rendezvous.
+    store = os.environ.get(STORE_ENV)
     dist.init_process_group("nccl" if use_cuda else "gloo", timeout=COLLECTIVE_TIMEOUT,
-                            device_id=device if use_cuda else None)
+                            device_id=device if use_cuda else None,
+                            **({"init_method": f"file://{store}", "rank": rank, "world_size": world} if store else {}))
     try:
         train_model(experiment, data, split_id=job["split_id"], work_dir=Path(job["work_dir"]),
                     log=(lambda line: print(line, flush=True)) if rank == 0 else (lambda _: None),
