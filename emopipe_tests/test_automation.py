@@ -224,5 +224,5 @@ def test_definitions_wire_schedules_and_sensor(project):
     run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-3000:]
     names, request = run.stdout.strip().splitlines()
-    assert names == "['retrain_also_on_listed', 'retrain_on_pics'] ['new_data']"
+    assert names == "['retrain_also_on_listed', 'retrain_on_pics'] ['dead_runs', 'new_data']"
     assert request.startswith("on_pics [") and "'on_remote'" in request

@@ -201,6 +201,46 @@ def test_sigkill_during_training_then_the_next_run_resumes_and_sigterm_stops_a_w
         assert conn.execute("SELECT epochs_run FROM models WHERE experiment = 'killed'").fetchall() == [(40,)]
 
 
+HOLDER = """
+import time
+import dagster as dg
+
+@dg.op(pool="gpu")
+def holds_the_gpu():
+    time.sleep(300)
+
+@dg.job
+def training():
+    holds_the_gpu()
+
+with dg.DagsterInstance.get() as instance:
+    training.execute_in_process(instance=instance)
+"""
+
+
+def test_the_dead_runs_sensor_frees_the_slot_of_a_killed_run(tmp_path):
+    """What the daemon does every minute under `dagster dev`: the killed run is marked failed, its slot freed."""
+    import dagster as dg
+
+    from emopipe.dead_runs import dead_runs
+
+    shutil.copy(PROJECT / "dagster.yaml", tmp_path)
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER], env={**os.environ, "DAGSTER_HOME": str(tmp_path)},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
+        try:
+            [run_id] = _wait(lambda: instance.event_log_storage.get_concurrency_run_ids(), 120, "the gpu slot to be taken")
+            assert instance.get_run_by_id(run_id).status == dg.DagsterRunStatus.STARTED
+            assert "no run without a process" in dead_runs(dg.build_sensor_context(instance=instance)).skip_message
+        finally:
+            holder.kill()
+            holder.wait()
+        outcome = dead_runs(dg.build_sensor_context(instance=instance))
+        assert run_id[:8] in outcome.skip_message and "freed their pool slots" in outcome.skip_message
+        assert instance.get_run_by_id(run_id).status == dg.DagsterRunStatus.FAILURE
+        assert not instance.event_log_storage.get_concurrency_run_ids()
+
+
 # --- 3. trace --verify recomputes what trace prints --------------------------------------------------
 
 

@@ -228,13 +228,17 @@ def test_folder_manifest_with_attributes(tmp_path, photo_jpegs):
     )
     spec = DatasetSpec(name="emo", source="folder", path=str(root), labels="labels.csv")
     items = list_items(spec, tmp_path / "work")
+    manifest = str(root / "labels.csv")
     assert items == [
         SourceItem(str(root / "img" / "1.jpg"), "joy", {"valence": 0.75, "split": "train", "id": "007", "note": None}),
-        SourceItem(str(elsewhere), "anger", {"valence": -2, "split": "test", "id": 12, "note": "far away"}),
+        # a path outside the dataset's folder is not read; a repeated row is an input of its own
+        SourceItem(str(elsewhere), None, {"reject_reason": "outside_dataset", "reject_detail": str(elsewhere)}),
         SourceItem(str(root / "img" / "gone.jpg"), "fear", {"valence": 0.1, "split": "val", "id": 3, "note": None}),
+        SourceItem(f"{manifest}#line=4", None, {"reject_reason": "repeated_row",
+                                                "reject_detail": f"{manifest}: line 4 repeats line 2 ({root / 'img' / '1.jpg'})"}),
     ]
-    got = by_uri(fetch_items(items))
-    assert got[str(elsewhere)].data == photo_jpegs["coffee"]
+    got = by_uri(fetch_items([items[0], items[2]]))
+    assert got[str(root / "img" / "1.jpg")].data == photo_jpegs["astronaut"]
     gone = got[str(root / "img" / "gone.jpg")]
     assert gone.data is None and gone.reason == "missing_file" and "gone.jpg" in gone.detail
 

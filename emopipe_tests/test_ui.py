@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from emopipe_tests.sockets import listeners
 from emopipe_tests.ui_support import CHROMIUM, REPO, DagsterDev, chromium
 
 EXPERIMENT = "ui_tiny"
@@ -186,3 +187,18 @@ def test_evaluation_page_renders_the_headline_metric(server, materialized, tmp_p
     shot = chromium(url, tmp_path / "profile", f"--screenshot={screenshot}")
     assert shot.returncode == 0 and screenshot.stat().st_size > 10_000, shot.stderr[-3000:]
     print(f"screenshot: {screenshot}")
+
+
+def test_dagster_dev_listens_on_loopback_only(server, materialized):
+    """The webserver, the daemon, the code servers and the run worker: every port they hold is on 127.0.0.1."""
+    group = server.process.pid  # dagster dev leads its own process group; its children stay in it
+
+    def in_group(pid):
+        try:
+            return pid is not None and os.getpgid(pid) == group
+        except ProcessLookupError:
+            return False
+
+    held = [s for s in listeners() if in_group(s.pid)]
+    assert any(s.port == server.port for s in held), held
+    assert all(s.loopback for s in held), [s for s in held if not s.loopback]
