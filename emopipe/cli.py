@@ -53,6 +53,9 @@ def list_experiments() -> int:
     return 0
 
 
+STOP_GRACE_SECONDS = 5.0  # how long a stopped run may take to end by itself before it is killed
+
+
 def run_experiment(name: str, verbose: bool = False) -> int:
     """The main job for one experiment partition, in a child process this one supervises.
 
@@ -100,16 +103,13 @@ def run_experiment(name: str, verbose: bool = False) -> int:
     return 128 + stop[0]
 
 
-STOP_GRACE_SECONDS = 5.0  # how long a stopped run may take to end by itself before it is killed
-
-
 def _execute(name: str, run_id: str, verbose: bool) -> None:
     """The child of run_experiment: executes the job in process and prints the summary; exits with its code."""
     import socket
 
     import dagster as dg
 
-    from emopipe.assets.common import CATALOG, USER_ERROR
+    from emopipe.assets.common import CATALOG
     from emopipe.dead_runs import HOST_TAG, PID_TAG
     from emopipe.definitions import defs
     from emopipe.paths import data_dir, db_path
@@ -125,7 +125,7 @@ def _execute(name: str, run_id: str, verbose: bool) -> None:
                                         run_config=run_config, tags={PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()})
     if not result.success:
         failures = [e for e in result.all_events if e.is_step_failure]
-        mistakes = [e for e in failures if _is_user_error(e, USER_ERROR)]
+        mistakes = [e for e in failures if _is_user_error(e)]
         for event in mistakes or failures:
             data = event.event_specific_data
             message = data.user_failure_data.description if mistakes else data.error.message.strip()
@@ -151,9 +151,12 @@ def _execute(name: str, run_id: str, verbose: bool) -> None:
     sys.exit(0)
 
 
-def _is_user_error(event, key: str) -> bool:
+def _is_user_error(event) -> bool:
+    """A step failure raised by assets.common.user_errors (its Failure carries the USER_ERROR mark)."""
+    from emopipe.assets.common import USER_ERROR
+
     failure = event.event_specific_data.user_failure_data
-    return bool(failure and failure.metadata.get(key) and failure.metadata[key].value)
+    return bool(failure and failure.metadata.get(USER_ERROR) and failure.metadata[USER_ERROR].value)
 
 
 def doctor(fix: bool) -> int:
