@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from emopipe.catalog import load_catalog
-from emopipe.core.distributed import experiment_from_dict, torchrun_command, train_distributed
+from emopipe.core.trained_model import experiment_from_dict
+from emopipe.core.trained_model.distributed import torchrun_command, train_distributed
 from emopipe_tests.sockets import listeners
 from emopipe.core.evaluation import write_evaluation
 from emopipe.core.trained_model import (TrainingError, load_checkpoint, predict, record_model, run_directory,
@@ -106,7 +107,7 @@ def test_torchrun_rendezvous_for_several_machines_is_the_users(tmp_path, monkeyp
     two_nodes = torchrun_command(experiment(gpus=2, nodes=2), tmp_path / "job", run_id="r1")
     assert two_nodes[two_nodes.index("--rdzv-endpoint") + 1] == "head-node:29400" and "--master-addr" not in two_nodes
     assert two_nodes[two_nodes.index("--rdzv-backend") + 1] == "c10d" and two_nodes[two_nodes.index("--nnodes") + 1] == "2"
-    assert two_nodes[-3:] == ["-m", "emopipe.core.distributed", str(tmp_path / "job")]
+    assert two_nodes[-3:] == ["-m", "emopipe.core.trained_model.distributed", str(tmp_path / "job")]
 
 
 def test_every_catalog_experiment_survives_the_trip_through_job_json():

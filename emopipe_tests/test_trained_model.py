@@ -262,7 +262,7 @@ def test_linear_probe_trains_a_head_on_cached_features(tmp_path, monkeypatch, ph
     def no_features(*args, **kwargs):
         raise AssertionError("features were computed again")
 
-    monkeypatch.setattr(trained_model, "extract_features", no_features)
+    monkeypatch.setattr(trained_model.features, "extract_features", no_features)
     soft = TrainingData(data.classes, None, data.train_ids, data.val_ids, data.x_train, data.x_val,
                         np.eye(3, dtype=np.float32)[data.y_train] * 0.8 + 0.2 / 3, data.y_val)
     logs.clear()

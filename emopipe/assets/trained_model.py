@@ -6,7 +6,7 @@ import dagster as dg
 from dagster_duckdb import DuckDBResource
 
 from emopipe.assets.common import CATALOG, database, experiment, experiment_partitions, markdown_table, png_markdown, user_errors
-from emopipe.core.distributed import train_distributed, world_size
+from emopipe.core.trained_model.distributed import train_distributed, world_size
 from emopipe.core.trained_model import load_training_data, record_model, train_model
 from emopipe.paths import data_dir
 

@@ -1,9 +1,9 @@
 """Population-based training (the core of `tuned_hyperparams`): Ray Tune's PBT searches lr,
 weight_decay and batch_size for an experiment before `trained_model` trains with the winner.
 
-`experiment.tune.population` trials train side by side on the split's train part, each epoch with the
-project's own building blocks (build_net, make_optimizer, make_loss, TrainStep, InputPipeline,
-DeviceBatches, train_epoch, evaluate), and report the val metric. Every `perturbation_interval` epochs
+`experiment.tune.population` trials train side by side on the split's train part: each is set up by
+trained_model's own setup_training (the same network, features, standardization, optimizer and losses
+as a training run) and trained epoch by epoch with its train_epoch and evaluate, and they report the val metric. Every `perturbation_interval` epochs
 each trial checkpoints; the bottom `quantile_fraction` of trials copy the weights and optimizer state
 of a top trial (exploit) and perturb its hyperparameters (explore). The learning rate is constant
 within a segment: PBT itself is the schedule.
@@ -27,11 +27,10 @@ import numpy as np
 import torch
 
 from emopipe.catalog import ExperimentSpec
-from emopipe.core.device_data import DeviceBatches, InputPipeline, TrainStep, configure_cuda, pick_device
-from emopipe.core.models import weights_fingerprint
-from emopipe.core.trained_model import (TrainingData, _check_data, _Concat, build_net, cached_features, evaluate,
-                                        extract_features, make_loss, make_optimizer, train_epoch,
+from emopipe.core.device_data import configure_cuda, pick_device
+from emopipe.core.trained_model import (TrainingData, build_net, check_data, evaluate, setup_training, train_epoch,
                                         training_hyperparameters)
+from emopipe.core.trained_model.features import probe_features
 from emopipe.errors import UserError
 from emopipe.fingerprint import params_hash
 from emopipe.paths import data_dir
@@ -103,7 +102,7 @@ def tune_hyperparameters(experiment: ExperimentSpec, data: TrainingData, *, work
     except ImportError:
         raise TuneError(f"experiment {experiment.name!r} sets tune: population-based training needs Ray Tune "
                         f"(pip install 'emopipe[tune]', or pip install 'ray[tune]')") from None
-    _check_data(experiment, data)
+    check_data(experiment, data)
     spec = experiment.tune
     key = params_hash({"experiment": experiment.name, "tune": dataclasses.asdict(spec), "data": data.fingerprint(),
                        **training_hyperparameters(experiment)})
@@ -207,12 +206,9 @@ def _probe_features(experiment: ExperimentSpec, data: TrainingData, cache: Path,
     net, norm, _ = build_net(experiment.model, image_size=experiment.image_size, pretrained=experiment.pretrained,
                              mode=experiment.mode, task=experiment.task, num_outputs=data.num_outputs,
                              head_hidden=experiment.head_hidden)
-    key = f"{experiment.model}-{experiment.image_size}px-{weights_fingerprint(net.backbone)[:16]}"
-    features = cached_features(
-        cache / key, data.train_ids + data.val_ids, _Concat(data.x_train, data.x_val),
-        lambda images: extract_features(net.backbone, norm, images, device=device, batch_size=max(2 * experiment.batch_size, 64)),
-        log)
-    return features[: len(data.train_ids)], features[len(data.train_ids):]
+    return probe_features(net.backbone, norm, architecture=experiment.model, image_size=experiment.image_size,
+                          batch_size=experiment.batch_size, train_ids=data.train_ids, val_ids=data.val_ids,
+                          x_train=data.x_train, x_val=data.x_val, cache=cache, device=device, log=log)
 
 
 def _trial(config: dict, *, experiment: ExperimentSpec, data: TrainingData, features, threads: int) -> None:
@@ -227,32 +223,8 @@ def _trial(config: dict, *, experiment: ExperimentSpec, data: TrainingData, feat
     exp = dataclasses.replace(experiment, lr=float(config["lr"]), weight_decay=float(config["weight_decay"]),
                               batch_size=int(config["batch_size"]))
     probe = exp.mode == "linear_probe"
-    torch.manual_seed(exp.seed)
-    net, norm, _ = build_net(exp.model, image_size=exp.image_size, pretrained=exp.pretrained, mode=exp.mode,
-                             task=exp.task, num_outputs=data.num_outputs, head_hidden=exp.head_hidden)
-    trainable = net.head if probe else net
-    y_train, y_val = (torch.from_numpy(np.asarray(y)) for y in (data.y_train, data.y_val))
-    if probe:
-        f_train, f_val = features
-        standardize = net.head[0]
-        standardize.mean.copy_(torch.from_numpy(f_train.mean(0)))
-        std = f_train.std(0)
-        standardize.std.copy_(torch.from_numpy(np.maximum(std, 0.1 * std.mean() + 1e-6)))
-        train_src = DeviceBatches(torch.from_numpy(f_train), y_train, device)
-        val_src = DeviceBatches(torch.from_numpy(f_val), y_val, device)
-        pipeline = None
-    else:
-        train_src, val_src = DeviceBatches(data.x_train, y_train, device), DeviceBatches(data.x_val, y_val, device)
-        pipeline = InputPipeline(norm, device, torch.Generator(device=device).manual_seed(exp.seed))
-    if exp.task == "regression":
-        net.head[-1].mean.copy_(torch.from_numpy(data.y_train.mean(0)))
-        net.head[-1].std.copy_(torch.from_numpy(np.maximum(data.y_train.std(0), 1e-6)))
-    net.to(device, memory_format=torch.channels_last)
-    if probe:
-        net.backbone.requires_grad_(False).eval()
-    optimizer = make_optimizer(trainable, exp, device)
-    step = TrainStep(trainable, make_loss(exp.task, exp.label_smoothing, net.head), optimizer, device, compile=exp.compile)
-    val_loss_fn = make_loss(exp.task, 0.0, net.head)
+    setup = setup_training(exp, data, device=device, log=lambda _: None, features=features)
+    trainable, optimizer, step, pipeline = setup.trainable, setup.optimizer, setup.step, setup.pipeline
     trial_id = tune.get_context().get_trial_id()
 
     epoch, restored_from = 0, ""
@@ -273,9 +245,10 @@ def _trial(config: dict, *, experiment: ExperimentSpec, data: TrainingData, feat
     while epoch < experiment.tune.epochs:
         epoch += 1
         trainable.train()
-        loss_sum, _, n_seen = train_epoch(step, train_src, pipeline, torch.randperm(len(train_src), generator=shuffle),
+        loss_sum, _, n_seen = train_epoch(step, setup.train_source, pipeline,
+                                          torch.randperm(len(setup.train_source), generator=shuffle),
                                           exp.batch_size, augment=exp.augment and not probe, task=exp.task)
-        val_loss, val_metric = evaluate(net if not probe else net.head, val_src, pipeline, val_loss_fn, exp.task, device,
+        val_loss, val_metric = evaluate(trainable, setup.val_source, pipeline, setup.val_loss, exp.task, device,
                                         2 * exp.batch_size)
         metrics = {"epoch": epoch, "lr": exp.lr, "weight_decay": exp.weight_decay, "batch_size": exp.batch_size,
                    "train_loss": loss_sum.item() / max(n_seen, 1), "val_loss": val_loss, "val_metric": val_metric,

@@ -2,10 +2,10 @@
 
 The parent (the `trained_model` asset) trains nothing and loads no model: it writes the training data
 once into the run folder (<work_dir>/runs/<run key>/job/: one .npy file per array, memory-mapped by
-every rank, plus job.json), starts `python -m torch.distributed.run ... -m emopipe.core.distributed
-<job folder>` and streams its output. DuckDB stays with the parent: the ranks never open the database
+every rank, plus job.json), starts the ranks (`python -m emopipe.core.trained_model.distributed <job folder>`)
+and streams their output. DuckDB stays with the parent: the ranks never open the database
 (one read-write process per file), and the parent records the `models` row from the result.json that
-rank 0 writes. Each rank runs train_model's loop (trained_model.py) on its shard of every epoch.
+rank 0 writes. Each rank runs train_model's loop (run.py) on its shard of every epoch.
 
 One machine: no torchrun. The parent starts the ranks itself and they meet in a FileStore in the job
 folder, so no port is opened for the rendezvous: torchrun's rendezvous server (a TCPStore) listens on
@@ -34,10 +34,12 @@ import numpy as np
 import torch
 
 import emopipe
-from emopipe.catalog import EvalDataset, ExperimentSpec, Reference, TextThresholds, TuneSpec
+from emopipe.atomic import atomic_write
+from emopipe.catalog import ExperimentSpec
 from emopipe.core.device_data import Ranks
-from emopipe.core.trained_model import (Log, TrainingData, TrainingError, TrainResult, _atomic_write, _check_data,
-                                        finished_result, run_directory, spec_dict, train_model)
+from emopipe.core.trained_model.checkpoint import experiment_from_dict, spec_dict
+from emopipe.core.trained_model.data import Log, TrainingData, TrainingError, check_data
+from emopipe.core.trained_model.run import TrainResult, finished_result, run_directory, train_model
 from emopipe.paths import data_dir
 
 RDZV_ENDPOINT_ENV = "EMOPIPE_RDZV_ENDPOINT"
@@ -62,7 +64,7 @@ def train_distributed(experiment: ExperimentSpec, data: TrainingData, *, split_i
     device: None: a GPU per process (nccl) when CUDA is there, else CPU processes (gloo); "cpu": CPU.
     rdzv_endpoint: host:port of the rendezvous for several nodes (default: $EMOPIPE_RDZV_ENDPOINT).
     """
-    _check_data(experiment, data)
+    check_data(experiment, data)
     world = world_size(experiment)
     work_dir = Path(work_dir).resolve()
     run_dir, _ = run_directory(experiment, data, split_id, work_dir, world)
@@ -107,17 +109,17 @@ def write_job(job_dir: Path, experiment: ExperimentSpec, data: TrainingData, *, 
     job_dir.mkdir(parents=True, exist_ok=True)
     for name in ARRAYS:
         array = np.ascontiguousarray(getattr(data, name))
-        _atomic_write(job_dir / f"{name}.npy", lambda f: np.save(f, array))
+        atomic_write(job_dir / f"{name}.npy", lambda f: np.save(f, array))
     job = {"experiment": spec_dict(experiment), "origin": experiment.origin, "split_id": split_id,
            "work_dir": str(work_dir), "feature_cache": str(feature_cache), "device": device,
            "world_size": world_size(experiment), "classes": data.classes, "targets": data.targets,
            "train_ids": data.train_ids, "val_ids": data.val_ids}
-    _atomic_write(job_dir / "job.json", lambda f: f.write(json.dumps(job).encode()))
+    atomic_write(job_dir / "job.json", lambda f: f.write(json.dumps(job).encode()))
     return job_dir
 
 
 def rank_command(job_dir: Path) -> list[str]:
-    return [sys.executable, "-m", "emopipe.core.distributed", str(job_dir)]
+    return [sys.executable, "-m", "emopipe.core.trained_model.distributed", str(job_dir)]
 
 
 def torchrun_command(experiment: ExperimentSpec, job_dir: Path, *, rdzv_endpoint: str | None = None,
@@ -230,21 +232,8 @@ def read_job(job_dir: Path) -> tuple[dict, ExperimentSpec, TrainingData]:
     return job, experiment_from_dict(job["experiment"], job["origin"]), data
 
 
-def experiment_from_dict(d: dict, origin: str = "") -> ExperimentSpec:
-    """The inverse of spec_dict (after a JSON round trip); checked, so a new nested field fails loudly."""
-    nested = {"eval_datasets": lambda v: tuple(EvalDataset(**e) for e in v),
-              "text_thresholds": lambda v: TextThresholds(**v), "tune": lambda v: TuneSpec(**v),
-              "reference": lambda v: Reference(**v)}
-    fields = {k: (nested[k](v) if k in nested and v is not None else tuple(v) if isinstance(v, list) else v)
-              for k, v in d.items()}
-    spec = ExperimentSpec(**fields, origin=origin)
-    if json.loads(json.dumps(spec_dict(spec))) != d:
-        raise ValueError(f"experiment {d.get('name')!r} does not survive the round trip through job.json")
-    return spec
-
-
 def main(argv: list[str] | None = None) -> int:
-    """A rank: `python -m emopipe.core.distributed JOB_DIR` (RANK, WORLD_SIZE, LOCAL_RANK from torchrun or _run_ranks)."""
+    """A rank: `python -m emopipe.core.trained_model.distributed JOB_DIR` (RANK, WORLD_SIZE, LOCAL_RANK from torchrun or _run_ranks)."""
     import torch.distributed as dist
 
     argv = sys.argv[1:] if argv is None else argv
