@@ -14,10 +14,9 @@ import pytest
 import scipy.io
 
 from emopipe.catalog import DataFile, DatasetSpec, load_catalog
-from emopipe.core import dataset_formats
+from emopipe.core.sources.webemo import WEBEMO_HIERARCHY, webemo_class_map
 from emopipe.core.raw_images import ingest_dataset
-from emopipe.core.source_items import REJECT_REASON
-from emopipe.core.sources import SourceError, fetch_items, list_items
+from emopipe.core.sources import REJECT_REASON, SourceError, fetch_items, list_items
 from emopipe_tests.test_sources import Server, in_memory
 
 MIKELS_LABEL2IDX = {"amusement": 0, "awe": 1, "contentment": 2, "excitement": 3, "anger": 4, "disgust": 5, "fear": 6, "sadness": 7}
@@ -145,7 +144,8 @@ def test_parquet_local_files(tmp_path, db, data_dir, photo_jpegs):
     assert {i.attributes["emoset_id"]: (i.label, i.attributes["split"]) for i in items} == expected
     assert items[1].uri == f"parquet:{a}#0:1" and items[2].uri == f"parquet:{a}#1:0"
     assert items[2].attributes == {"emoset_id": "id_coffee", "brightness": pytest.approx(0.2), "split": "train"}  # list column dropped
-    fetched = {f.item.attributes["emoset_id"]: in_memory(f).data for f in fetch_items(items, workers=4)}
+    fetched = {f.item.attributes["emoset_id"]: in_memory(f).data
+               for f in fetch_items(items, workers=4, spec=spec, work_dir=tmp_path / "work")}
     assert fetched == {i: data for data, _, i in rows}
 
     result, stored, rejected = ingest(db, data_dir, spec)
@@ -179,7 +179,9 @@ def test_parquet_binary_column_string_labels_and_names(tmp_path, photo_jpegs):
     spec = DatasetSpec(name="p", source="parquet", files=(DataFile(str(plain)),), classes=("calm", "rough"))
     items = list_items(spec, tmp_path)
     assert [(i.label, "split" in i.attributes) for i in items] == [("rough", False), ("calm", False)]
-    assert [in_memory(f).data for f in sorted(fetch_items(items), key=lambda f: f.item.uri)] == [photo_jpegs["grass"], photo_jpegs["gravel"]]
+    # fetching needs the dataset's spec and work dir (where its files are), nothing the listing kept in memory
+    fetched = fetch_items(items, spec=spec, work_dir=tmp_path)
+    assert [in_memory(f).data for f in sorted(fetched, key=lambda f: f.item.uri)] == [photo_jpegs["grass"], photo_jpegs["gravel"]]
 
     named = tmp_path / "named.parquet"
     pq.write_table(pa.table({"img": [photo_jpegs["grass"]], "emotion": ["awe"], "split": ["val"]}), named)
@@ -330,7 +332,7 @@ def test_emotic_converted_csvs(tmp_path, photo_jpegs):
 
 
 def test_webemo_url_lists_and_sadness_map(server, tmp_path, db, data_dir, photo_jpegs):
-    index = {fine: i for i, (fine, _, _) in enumerate(dataset_formats.WEBEMO_HIERARCHY)}
+    index = {fine: i for i, (fine, _, _) in enumerate(WEBEMO_HIERARCHY)}
     train = [("a.jpg", "sadness", "astronaut"), ("b.jpg", "neglect", "chelsea"), ("c.jpg", "cheerfullness", "coffee")]
     test = [("d.jpg", "confusion", "rocket"), ("e.jpg", "sympathy", "moon")]
     root = tmp_path / "WEBEmo"
@@ -340,7 +342,7 @@ def test_webemo_url_lists_and_sadness_map(server, tmp_path, db, data_dir, photo_
             server.serve(f"/img/{file}", photo_jpegs[photo], "image/jpeg")
         (root / name).write_text("".join(f"{server.url('/img/' + f)} {index[fine]}\n" for f, fine, _ in rows))
     builtin = load_catalog().dataset("webemo")
-    assert builtin.class_map == dataset_formats.webemo_class_map("sadness")
+    assert builtin.class_map == webemo_class_map("sadness")
     spec = DatasetSpec(name="webemo", source="webemo", path=str(root), classes=builtin.classes, class_map=builtin.class_map)
     items = list_items(spec, tmp_path / "work")
     assert items[3].label == "confusion" and items[3].attributes == {"emotion7": "confusion", "polarity": "negative", "split": "test"}

@@ -23,8 +23,7 @@ import pytest
 from emopipe.catalog import CatalogError, DatasetSpec, load_catalog
 from emopipe.core.download import SourceError, download_file
 from emopipe.core.raw_images import Rejected, ingest_dataset, inspect_image
-from emopipe.core.sources import fetch_items
-from emopipe.core.source_items import SourceItem
+from emopipe.core.sources import SourceItem, fetch_items
 from emopipe.core.verify import verify
 from emopipe.paths import object_path
 from emopipe_tests.test_sources import Server, make_tar

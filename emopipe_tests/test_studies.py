@@ -19,7 +19,7 @@ import yaml
 from test_dataset_formats import held_out_person, image_entry, struct_array, train_person
 
 from emopipe.catalog import BUILTIN_CATALOG
-from emopipe.core import dataset_formats
+from emopipe.core.sources.webemo import WEBEMO_HIERARCHY
 from emopipe.core.synthetic import MIKELS, render, synthetic_listing
 
 SHRUNK = {"pretrained": "none", "epochs": 1, "batch_size": 16, "compile": False, "explain_per_class": 0}
@@ -103,8 +103,8 @@ def studies(tmp_path_factory):
                 write(root / name / "images" / c / f"{c}{k}.jpg", blobs[2 * i + k])
     # WEBEmo: URL lists of images served by a real HTTP server on 127.0.0.1.
     web = root / "web"
-    index = {fine: i for i, (fine, _, _) in enumerate(dataset_formats.WEBEMO_HIERARCHY)}
-    fine = [f for f, _, _ in dataset_formats.WEBEMO_HIERARCHY]
+    index = {fine: i for i, (fine, _, _) in enumerate(WEBEMO_HIERARCHY)}
+    fine = [f for f, _, _ in WEBEMO_HIERARCHY]
     blobs = [b for bs in images(6, 15).values() for b in bs]
     handler = lambda *a, **k: Files(*a, directory=str(web), **k)  # noqa: E731
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)

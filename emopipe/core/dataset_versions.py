@@ -17,7 +17,7 @@ from typing import Iterable
 
 from emopipe.catalog import Catalog, DatasetSpec
 from emopipe.core.download import FetchFailed, SourceError, fetch_bytes, is_http_url
-from emopipe.core.sources import _catalog_path, list_items
+from emopipe.core.sources import catalog_path, list_items
 from emopipe.errors import UserError
 from emopipe.fingerprint import rows_fingerprint, sha256_bytes, sha256_file
 
@@ -39,7 +39,7 @@ def dataset_version(spec: DatasetSpec, timeout: float = 20.0) -> str:
     if spec.source == "url_list":
         where = f"{spec.origin or 'catalog'}: datasets.{spec.name}"
         if spec.labels:
-            path = _catalog_path(spec.labels, spec)  # resolved exactly as the ingest resolves it
+            path = catalog_path(spec.labels, spec)  # resolved exactly as the ingest resolves it
             try:
                 return sha256_file(path)
             except OSError as e:

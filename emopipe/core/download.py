@@ -193,8 +193,8 @@ def _get(sink: BinaryIO, url: str, timeout: float, max_bytes: int) -> None:
             raise FetchFailed("connection_error", f"{url}: connection closed after {n} of {expected} bytes", retryable=True)
 
 
-def download_file(url: str, dest: Path, sha256: str, timeout: float = 60.0, retries: int = 5) -> None:
-    """Download `url` to `dest`, verified by sha256, resuming the `dest.part` an earlier try left.
+def download_file(url: str, dest: Path, sha256: str | None = None, timeout: float = 60.0, retries: int = 5) -> None:
+    """Download `url` to `dest`, verified by sha256 when one is given, resuming the `dest.part` an earlier try left.
 
     Dropped connections resume with an HTTP Range request (a server that ignores Range sends the
     whole file, which restarts the .part). `retries` counts consecutive failures without progress.
@@ -221,8 +221,8 @@ def download_file(url: str, dest: Path, sha256: str, timeout: float = 60.0, retr
                                           f"({kept} bytes kept in {part}; the next try resumes from there)") from None
             _sleep_before_retry(failure, failures)
             failures += 1
-    actual = sha256_file(part)
-    if actual != sha256.lower():
+    actual = sha256_file(part) if sha256 else None
+    if sha256 and actual != sha256.lower():
         bad = dest.with_name(dest.name + ".sha256-mismatch")
         os.replace(part, bad)
         raise SourceError(
@@ -230,7 +230,7 @@ def download_file(url: str, dest: Path, sha256: str, timeout: float = 60.0, retr
             "and not used (check the dataset's url and sha256 in the catalog)"
         )
     os.replace(part, dest)
-    log.info("downloaded %s (%d bytes, sha256 verified)", url, dest.stat().st_size)
+    log.info("downloaded %s (%d bytes%s)", url, dest.stat().st_size, ", sha256 verified" if sha256 else "")
 
 
 def _download_to_part(url: str, part: Path, offset: int, timeout: float) -> None:

@@ -25,10 +25,8 @@ import numpy as np
 from PIL import Image
 
 from emopipe.catalog import DatasetSpec
-from emopipe.core.source_items import REJECT_DETAIL, REJECT_REASON
 from emopipe.core.download import is_http_url, remove_stale_downloads
-from emopipe.core.source_items import SourceItem
-from emopipe.core.sources import Fetched, fetch_items, list_items
+from emopipe.core.sources import REJECT_DETAIL, REJECT_REASON, Fetched, SourceItem, fetch_items, list_items
 from emopipe.db import Database
 from emopipe.errors import UserError
 from emopipe.fingerprint import rows_fingerprint, sha256_bytes, sha256_file
@@ -202,7 +200,8 @@ def ingest_dataset(
     incoming = Path(objects_root) / ".incoming"  # downloads land here: the store's file system, so a move is a rename
     incoming.mkdir(parents=True, exist_ok=True)
     remove_stale_downloads(incoming)
-    fetched_items = fetch_items(to_fetch, workers=workers, max_bytes=spec.max_image_bytes, incoming=incoming)
+    fetched_items = fetch_items(to_fetch, workers=workers, max_bytes=spec.max_image_bytes, incoming=incoming,
+                                spec=spec, work_dir=work_dir)
     with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
         for fetched, ok, rej in _ordered_map(pool, accept, fetched_items):
             item = fetched.item

@@ -1,13 +1,10 @@
-"""What a dataset source lists: items (a path or URL, a raw label, attributes), rejections the listing
-already knows about, and the rule that keeps a dataset's paths inside its dataset.
-
-Its own module so that every source kind (core/sources.py, core/dataset_formats.py) and the ingest
-share one definition without importing each other.
-"""
+"""What a dataset source lists and fetches: items (a path or URL, a raw label, attributes), rejections
+the listing already knows about, fetched bytes, and the rule that keeps a dataset's paths inside it."""
 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +30,15 @@ def outside(uri: str, written: str) -> SourceItem:
     return rejection(uri, OUTSIDE_DATASET, written)
 
 
+@dataclass(frozen=True)
+class Fetched:
+    item: SourceItem
+    data: bytes | None  # None when it could not be fetched, or arrived as `file`
+    reason: str | None  # http_404, http_error, timeout, connection_error, ssl_error, bad_url, too_large, missing_file, unreadable_file
+    detail: str | None  # names the URL/file and what happened
+    file: Path | None = None  # a download, streamed to a file the consumer owns (moves into the store or deletes)
+
+
 class DatasetRoot:
     """The folder a dataset's paths must stay in, symlinks resolved.
 
@@ -53,3 +59,15 @@ class DatasetRoot:
     def join(self, written: str) -> str:
         """The absolute, normalized path of `written` (relative to the root, or absolute)."""
         return os.path.normpath(os.path.join(self.root, os.path.expanduser(written)))
+
+
+PARTS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+
+
+def part_from_name(location: str) -> str | None:
+    """train/val/test from a file-name prefix (`train-00000-of-00001.parquet`, `train25.txt`) or the
+    name of the file's folder (`default/validation/0000.parquet`), as Hugging Face assigns splits."""
+    *_, folder, name = ["", *re.split(r"[/\\]", location.split("?")[0])]
+    found = re.match(r"(train|validation|valid|val|test)([-_.\d]|$)", name.lower())
+    word = found.group(1) if found else folder.lower()
+    return PARTS.get(word)
