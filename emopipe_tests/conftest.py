@@ -1,12 +1,42 @@
-"""Shared fixtures: a private data dir and DuckDB file per test, and real photos from skimage.data."""
+"""Shared fixtures: a private data dir and DuckDB file per test, real photos from skimage.data, and the
+test catalog (WIRING_CATALOG) that the in-process Dagster tests materialize."""
 
 import io
+import os
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from emopipe.db import Database
+
+# Experiments small enough to materialize in this process with dg.materialize. The asset modules read
+# the catalog once, when they are first imported, so it is set here, before any test module imports them;
+# subprocess tests set EMOPIPE_CATALOG themselves.
+WIRING_CATALOG = """
+datasets:
+  wiring:
+    source: synthetic
+    n_per_class: 6
+    seed: 7
+experiments:
+  wiring:
+    dataset: wiring
+    image_size: 32
+    text_filter: false
+    split: 50/25/25
+    model: resnet10t
+    pretrained: none
+    epochs: 2
+    batch_size: 8
+    explain_per_class: 1
+"""
+if "EMOPIPE_CATALOG" not in os.environ:
+    _catalog = Path(tempfile.mkdtemp(prefix="emopipe-test-catalog-")) / "catalog.yaml"
+    _catalog.write_text(WIRING_CATALOG)
+    os.environ["EMOPIPE_CATALOG"] = str(_catalog)
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ class Killed(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_train_a_model_that_loads_and_is_recorded_like_a_single_process_one(tmp_path, db, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # per rank
     data, ddp, single = colour_data(), experiment(gpus=2), experiment()

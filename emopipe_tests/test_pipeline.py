@@ -10,6 +10,8 @@ import textwrap
 import duckdb
 import pytest
 
+pytestmark = pytest.mark.slow  # `emopipe run` and `dagster asset materialize` in subprocesses, real OCR
+
 CATALOG = """
 datasets:
   tiny:

@@ -22,6 +22,8 @@ from emopipe.catalog import BUILTIN_CATALOG
 from emopipe.core.sources.webemo import WEBEMO_HIERARCHY
 from emopipe.core.synthetic import MIKELS, render, synthetic_listing
 
+pytestmark = pytest.mark.slow  # every study experiment end to end in subprocesses
+
 SHRUNK = {"pretrained": "none", "epochs": 1, "batch_size": 16, "compile": False, "explain_per_class": 0}
 SIZES = {"emoset_vit": 32, "fi_resnet32": 32, "fi_probe32": 32, "fi_probe32_lr1e4": 32, "fi_fractalnet32": 32,
          "emotic_bbox_vad": 64, **{f"webemo_sadness_{m}": 64 for m in ("b0", "b2", "s", "xception", "xception_scratch")}}

@@ -143,6 +143,7 @@ def _contains(read: str, phrase: str) -> bool:
 
 
 @pytest.mark.usefixtures("one_thread")
+@pytest.mark.slow
 def test_real_easyocr_reads_the_text_images_and_nothing_in_the_others(listing, rendered, tmp_path):
     easyocr = pytest.importorskip("easyocr")
     import easyocr_en_models

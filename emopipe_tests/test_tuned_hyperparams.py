@@ -11,7 +11,8 @@ from emopipe.core.tuned_hyperparams import tune_hyperparameters
 from emopipe_tests.sockets import listeners
 
 # Not imported here: emopipe keeps Ray on loopback by settings Ray reads when it is first imported.
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="the tune extra (ray[tune]) is not installed")
+pytestmark = [pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="the tune extra (ray[tune]) is not installed"),
+              pytest.mark.slow]  # a real Ray cluster on this machine
 
 
 def _data(n_train: int = 24, n_val: int = 12, size: int = 32) -> TrainingData:

@@ -12,6 +12,8 @@ import pytest
 from emopipe_tests.sockets import listeners
 from emopipe_tests.ui_support import CHROMIUM, REPO, DagsterDev, chromium
 
+pytestmark = pytest.mark.slow  # dagster dev, a launched run and headless Chromium: minutes
+
 EXPERIMENT = "ui_tiny"
 CATALOG = f"""
 datasets:

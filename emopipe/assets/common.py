@@ -20,6 +20,15 @@ CATALOG = load_catalog()
 # One static partition per experiment, shared by every asset: one run = one experiment's chain.
 experiment_partitions = dg.StaticPartitionsDefinition(sorted(CATALOG.experiments))
 
+# The packed arrays of every size: a stage that reads the arrays of its experiment's image_size depends
+# on all of them, as the graph is the same for every partition (each experiment uses one; the others
+# are a no-op for it).
+ARRAY_ASSETS = [f"images_{size}" for size in CATALOG.image_sizes()]
+
+# Each asset's code_version: bump it when the asset's code gives another output for the same inputs,
+# so Dagster shows the materializations made by the older code as stale.
+CODE_VERSION = "2"
+
 
 def experiment(context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext) -> ExperimentSpec:
     return CATALOG.experiment(context.partition_key)
@@ -34,10 +43,24 @@ def png_markdown(png: bytes, alt: str) -> dg.MetadataValue:
     return dg.MetadataValue.md(f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})")
 
 
-def markdown_table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
+def table_metadata(header: list[str], rows: list[list]) -> dg.MetadataValue:
+    """Rows shown as a table in the UI that stays data (sortable, one line per row): Dagster's table
+    metadata, column types taken from the values (a column of numbers sorts as numbers)."""
+
+    def kind(column: int) -> str:
+        values = [row[column] for row in rows if row[column] is not None]
+        if values and all(isinstance(v, bool) for v in values):
+            return "bool"
+        if values and all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            return "int"
+        if values and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            return "float"
+        return "string"
+
+    kinds = [kind(j) for j in range(len(header))]
+    records = [dg.TableRecord({name: (value if kinds[j] != "string" or value is None else str(value))
+                               for j, (name, value) in enumerate(zip(header, row))}) for row in rows]
+    return dg.MetadataValue.table(records, schema=dg.TableSchema([dg.TableColumn(n, k) for n, k in zip(header, kinds)]))
 
 
 # Marks a Failure that is a user mistake: `emopipe run` prints its message as one line, no traceback.

@@ -4,7 +4,7 @@ import dagster as dg
 from dagster_duckdb import DuckDBResource
 
 from emopipe.assets.common import (
-    CATALOG, database, experiment, experiment_partitions, png_markdown, recorded_metadata, user_errors,
+    ARRAY_ASSETS, CATALOG, CODE_VERSION, database, experiment, experiment_partitions, png_markdown, recorded_metadata, user_errors,
 )
 from emopipe.core.evaluation import (
     comparison_markdown, confusion_from_rows, confusion_png, evaluated_images, headline_markdown, write_evaluation,
@@ -19,9 +19,12 @@ from emopipe.paths import data_dir, objects_dir
 
 @dg.asset(
     partitions_def=experiment_partitions,
+    code_version=CODE_VERSION,
     group_name="evaluation",
     kinds={"duckdb", "pytorch"},
     ins={"trained_model": dg.AssetIn()},
+    deps=ARRAY_ASSETS,  # predicts from the arrays at the model's image size
+    pool="gpu",  # the model runs on the GPU when there is one
     description=(
         "The exact checkpoint trained_model recorded (verified by sha256) evaluated on the split's test and val "
         "parts and on every eval_dataset (labels mapped by its class_map): accuracy, macro/weighted F1, per-class "

@@ -3,7 +3,7 @@
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
-from emopipe.assets.common import database, experiment, experiment_partitions, png_markdown
+from emopipe.assets.common import ARRAY_ASSETS, CODE_VERSION, database, experiment, experiment_partitions, png_markdown
 from emopipe.core.evaluation import evaluated_images
 from emopipe.core.explanations import caption, explain, overlay_png, select_samples
 from emopipe.core.images import load_array
@@ -13,9 +13,12 @@ from emopipe.paths import data_dir
 
 @dg.asset(
     partitions_def=experiment_partitions,
+    code_version=CODE_VERSION,
     group_name="evaluation",
     kinds={"captum", "pytorch"},
     ins={"trained_model": dg.AssetIn()},
+    deps=ARRAY_ASSETS,  # predicts from the arrays at the model's image size
+    pool="gpu",  # the model runs on the GPU when there is one
     description=(
         "For `explain_per_class` test images per class (correct predictions first, a fixed choice), the predicted "
         "class, its probability, and the Integrated-Gradients attribution of the stored pixels as a heatmap overlay."

@@ -3,13 +3,14 @@
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
-from emopipe.assets.common import database, experiment, experiment_partitions, markdown_table, png_markdown, require_dataset_unchanged
+from emopipe.assets.common import CODE_VERSION, database, experiment, experiment_partitions, table_metadata, png_markdown, require_dataset_unchanged
 from emopipe.core.filtered_images import filter_images
 from emopipe.core.preview import grid_png, thumbnails
 
 
 @dg.asset(
     partitions_def=experiment_partitions,
+    code_version=CODE_VERSION,
     group_name="text_filter",
     kinds={"duckdb"},
     ins={"text_scores": dg.AssetIn()},
@@ -34,8 +35,8 @@ def filtered_images(context: dg.AssetExecutionContext, duckdb: DuckDBResource, t
         "n_kept": result.n_kept,
         "n_removed": result.n_removed,
         "n_unreadable": result.n_unreadable,
-        "removed_per_class": dg.MetadataValue.md(markdown_table(
-            ["class", "removed (text found)"], [[c, n] for c, n in sorted(result.removed_per_class.items())] or [["-", 0]])),
+        "removed_per_class": table_metadata(
+            ["class", "removed (text found)"], [[c, n] for c, n in sorted(result.removed_per_class.items())] or [["-", 0]]),
     }
     if result.removed_examples:
         metadata["removed_preview"] = png_markdown(grid_png(thumbnails(result.removed_examples)), "images removed for text")

@@ -3,7 +3,7 @@
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
-from emopipe.assets.common import CATALOG, database, experiment, experiment_partitions, png_markdown, require_dataset_unchanged
+from emopipe.assets.common import CATALOG, CODE_VERSION, database, experiment, experiment_partitions, png_markdown, require_dataset_unchanged
 from emopipe.core.images import build_arrays, load_array, method_for
 from emopipe.core.preview import grid_png
 from emopipe.fingerprint import rows_fingerprint
@@ -32,6 +32,7 @@ def images_asset(size: int) -> dg.AssetsDefinition:
     @dg.asset(
         name=f"images_{size}",
         partitions_def=experiment_partitions,
+    code_version=CODE_VERSION,
         group_name="images",
         kinds={"numpy"},
         ins={"raw_images": dg.AssetIn()},

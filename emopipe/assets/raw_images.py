@@ -5,7 +5,7 @@ import json
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
-from emopipe.assets.common import CATALOG, database, experiment, experiment_partitions, markdown_table, png_markdown, user_errors
+from emopipe.assets.common import CATALOG, CODE_VERSION, database, experiment, experiment_partitions, table_metadata, png_markdown, user_errors
 from emopipe.core.preview import grid_png, thumbnails
 from emopipe.core.raw_images import ingest_dataset, preview_sample
 from emopipe.fingerprint import rows_fingerprint
@@ -14,6 +14,7 @@ from emopipe.paths import data_dir, objects_dir
 
 @dg.asset(
     partitions_def=experiment_partitions,
+    code_version=CODE_VERSION,
     group_name="ingest",
     kinds={"duckdb", "python"},
     description=(
@@ -45,8 +46,8 @@ def raw_images(context: dg.AssetExecutionContext, duckdb: DuckDBResource) -> dg.
         metadata[f"{name}/throughput_inputs_per_s"] = round(result.n_inputs / max(result.seconds, 1e-9), 1)
     sample = preview_sample(db, exp.dataset, k=16)
     metadata.update({
-        "accounting": dg.MetadataValue.md(markdown_table(
-            ["dataset", "source", "inputs", "images", "new bytes stored", "rejected", "duplicates", "label conflicts", "rejected by reason", "fingerprint"], rows)),
+        "accounting": table_metadata(
+            ["dataset", "source", "inputs", "images", "new bytes stored", "rejected", "duplicates", "label conflicts", "rejected by reason", "fingerprint"], rows),
         "n_images": sum(h["n_images"] for h in handle.values()),
         "fingerprint": rows_fingerprint((n, h["fingerprint"]) for n, h in handle.items()),
         "preview": png_markdown(grid_png(thumbnails([i for i, _ in sample]), [label for _, label in sample]), f"{exp.dataset} sample"),

@@ -3,12 +3,13 @@
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
-from emopipe.assets.common import CATALOG, database, experiment, experiment_partitions, markdown_table, recorded_metadata, user_errors
+from emopipe.assets.common import CATALOG, CODE_VERSION, database, experiment, experiment_partitions, table_metadata, recorded_metadata, user_errors
 from emopipe.core.splits import make_split, near_duplicate_groups, verify_split
 
 
 @dg.asset(
     partitions_def=experiment_partitions,
+    code_version=CODE_VERSION,
     group_name="splits",
     kinds={"duckdb"},
     ins={"filtered_images": dg.AssetIn(), "images_32": dg.AssetIn()},
@@ -58,8 +59,7 @@ def split_is_sound(context: dg.AssetCheckExecutionContext, duckdb: DuckDBResourc
     failed = [o for o in outcomes if not o.passed]
     return dg.AssetCheckResult(
         passed=not failed,
-        metadata={"split_id": handle["split_id"], "checks": dg.MetadataValue.md(
-            markdown_table(["check", "passed", "details"], [[o.name, o.passed, o.details] for o in outcomes]))},
+        metadata={"split_id": handle["split_id"], "checks": table_metadata(["check", "passed", "details"], [[o.name, o.passed, o.details] for o in outcomes])},
         description="; ".join(f"{o.name}: {o.details}" for o in failed) or "all split checks passed",
     )
 

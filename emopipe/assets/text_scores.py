@@ -6,7 +6,7 @@ import dagster as dg
 from dagster_duckdb import DuckDBResource
 
 from emopipe.assets.common import (
-    CATALOG, database, experiment, experiment_partitions, markdown_table, recorded_metadata, user_errors,
+    CATALOG, CODE_VERSION, database, experiment, experiment_partitions, table_metadata, recorded_metadata, user_errors,
 )
 from emopipe.core.text_scores import score_text, text_quality
 from emopipe.paths import data_dir, objects_dir
@@ -16,12 +16,14 @@ MIN_PRECISION = MIN_RECALL = 0.95
 
 @dg.asset(
     partitions_def=experiment_partitions,
+    code_version=CODE_VERSION,
     group_name="text_filter",
     kinds={"easyocr", "duckdb"},
+    # OCR reads the original bytes, not the arrays: 32 px erases text, the 224 crop cuts edge captions.
     ins={"raw_images": dg.AssetIn()},
-    # OCR reads the original bytes, not these arrays (32 px erases text; the 224 crop cuts edge
-    # captions), but it runs after them so the chain stays the one in ARCHITECTURE.md.
-    deps=["images_224"],
+    # With a GPU, EasyOCR runs there: one GPU step at a time (on a CPU-only machine the pool also keeps
+    # OCR from competing with a training step for the cores).
+    pool="gpu",
     description=(
         "EasyOCR (English, offline weights) on each image of the experiment's dataset, read from the original "
         "bytes with the longer side scaled to the OCR size: boxes, text, best confidence, text area, and has_text "
@@ -81,7 +83,7 @@ def text_detection_quality(context: dg.AssetCheckExecutionContext, duckdb: DuckD
     return dg.AssetCheckResult(
         passed=bool(passed),
         metadata={**{k: v for k, v in values.items() if v is not None}, "measured": True,
-                  "confusion": dg.MetadataValue.md(markdown_table(["", "truth: text", "truth: no text"], [
-                      ["predicted text", q["tp"], q["fp"]], ["predicted no text", q["fn"], q["tn"]]]))},
+                  "confusion": table_metadata(["decision", "truth: text", "truth: no text"], [
+                      ["predicted text", q["tp"], q["fp"]], ["predicted no text", q["fn"], q["tn"]]])},
         description=f"precision {q['precision']:.3f}, recall {q['recall']:.3f} (need >= {MIN_PRECISION})",
     )

@@ -5,21 +5,20 @@ import dataclasses
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
-from emopipe.assets.common import CATALOG, database, experiment, experiment_partitions, markdown_table, png_markdown, user_errors
+from emopipe.assets.common import (
+    ARRAY_ASSETS, CATALOG, CODE_VERSION, database, experiment, experiment_partitions, table_metadata, png_markdown, user_errors,
+)
 from emopipe.core.trained_model.distributed import train_distributed, world_size
 from emopipe.core.trained_model import load_training_data, record_model, train_model
 from emopipe.paths import data_dir
 
-# 32 and 224 px arrays are upstream of splits already; any other size an experiment trains at is not.
-OTHER_SIZES = [f"images_{s}" for s in CATALOG.image_sizes() if s not in (32, 224)]
-
-
 @dg.asset(
     partitions_def=experiment_partitions,
+    code_version=CODE_VERSION,
     group_name="training",
     kinds={"pytorch", "timm"},
     ins={"splits": dg.AssetIn(), "tuned_hyperparams": dg.AssetIn()},
-    deps=OTHER_SIZES,
+    deps=ARRAY_ASSETS,  # trains from the arrays at the experiment's image_size
     # One training at a time per GPU: the `gpu` pool's limit is set in dagster.yaml.
     pool="gpu",
     description=(
@@ -42,7 +41,7 @@ def trained_model(context: dg.AssetExecutionContext, duckdb: DuckDBResource, spl
         result = train(exp, data, split_id=splits["split_id"], work_dir=data_dir() / "models", log=context.log.info)
     # A split's id is its fingerprint (sha256 over its sorted (image_id, part) rows).
     record_model(db, result, exp, splits["split_id"], split_fingerprint=splits["split_id"])
-    history = [[h["epoch"], _fmt(h.get("train_loss")), _fmt(h.get("train_metric")), _fmt(h.get("val_loss")), _fmt(h.get("val_metric"))]
+    history = [[h["epoch"], *(_rounded(h.get(k)) for k in ("train_loss", "train_metric", "val_loss", "val_metric"))]
                for h in result.history]
     metadata = {
         "model_id": result.model_id,
@@ -60,7 +59,7 @@ def trained_model(context: dg.AssetExecutionContext, duckdb: DuckDBResource, spl
         "wall_seconds": round(result.wall_seconds, 1),
         "n_train": len(data.train_ids),
         "n_val": len(data.val_ids),
-        "history": dg.MetadataValue.md(markdown_table(["epoch", "train loss", f"train {result.metric}", "val loss", f"val {result.metric}"], history)),
+        "history": table_metadata(["epoch", "train loss", f"train {result.metric}", "val loss", f"val {result.metric}"], history),
         "learning_curve": png_markdown(result.curve_png.read_bytes(), "learning curves"),
     }
     handle = {"model_id": result.model_id, "checkpoint_path": str(result.checkpoint_path), "split_id": splits["split_id"]}
@@ -73,5 +72,5 @@ def training_data(db, exp, split_id: str):
     return load_training_data(db, split_id, exp, classes=list(classes) if classes else None)
 
 
-def _fmt(value) -> str:
-    return "" if value is None else f"{value:.4f}"
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)

@@ -4,16 +4,20 @@ experiment sets `tune`; its best config is what trained_model trains with."""
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
-from emopipe.assets.common import database, experiment, experiment_partitions, markdown_table, user_errors
+from emopipe.assets.common import (
+    ARRAY_ASSETS, CODE_VERSION, database, experiment, experiment_partitions, table_metadata, user_errors,
+)
 from emopipe.assets.trained_model import training_data
 from emopipe.paths import data_dir
 
 
 @dg.asset(
     partitions_def=experiment_partitions,
+    code_version=CODE_VERSION,
     group_name="training",
     kinds={"ray", "pytorch"},
     ins={"splits": dg.AssetIn()},
+    deps=ARRAY_ASSETS,  # trials train from the arrays at the experiment's image_size
     pool="gpu",
     description=(
         "Population-based training (Ray Tune PBT) over the split's train/val parts: a population of trials whose "
@@ -38,7 +42,7 @@ def tuned_hyperparams(context: dg.AssetExecutionContext, duckdb: DuckDBResource,
         "best_config": result.best_config,
         f"best_val_{result.metric}": round(result.best_val, 4),
         "perturbations": result.perturbations,
-        "trials": dg.MetadataValue.md(markdown_table(["trial", "lr (final)", "weight_decay", "batch_size", f"val {result.metric}"], trials)),
+        "trials": table_metadata(["trial", "lr (final)", "weight_decay", "batch_size", f"val {result.metric}"], trials),
     }
     version = "-".join(f"{k}={v}" for k, v in sorted(result.best_config.items()))
     return dg.Output({"best_config": result.best_config}, metadata=metadata, data_version=dg.DataVersion(version))

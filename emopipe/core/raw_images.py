@@ -19,12 +19,13 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image
 
 from emopipe.catalog import DatasetSpec
+from emopipe.concurrency import bounded_map
 from emopipe.core.download import is_http_url, remove_stale_downloads
 from emopipe.core.sources import REJECT_DETAIL, REJECT_REASON, Fetched, SourceItem, fetch_items, list_items
 from emopipe.db import Database
@@ -203,7 +204,7 @@ def ingest_dataset(
     fetched_items = fetch_items(to_fetch, workers=workers, max_bytes=spec.max_image_bytes, incoming=incoming,
                                 spec=spec, work_dir=work_dir)
     with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
-        for fetched, ok, rej in _ordered_map(pool, accept, fetched_items):
+        for fetched, ok, rej in bounded_map(pool, accept, fetched_items, in_flight=64):
             item = fetched.item
             label = map_label(item.label, spec)
             if rej is not None:
@@ -302,17 +303,6 @@ def _write_images(db: Database, rows: list[tuple]) -> None:
                  label = excluded.label, attributes = excluded.attributes""",
             rows,
         )
-
-
-def _ordered_map(pool: ThreadPoolExecutor, fn, iterable: Iterable, depth: int = 64) -> Iterator:
-    """pool.map with a bounded number of tasks in flight, so memory does not grow with the dataset."""
-    futures = []
-    for x in iterable:
-        futures.append(pool.submit(fn, x))
-        if len(futures) >= depth:
-            yield futures.pop(0).result()
-    for f in futures:
-        yield f.result()
 
 
 def preview_sample(db: Database, dataset: str, k: int = 16) -> list[tuple[str, str]]:

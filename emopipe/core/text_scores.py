@@ -28,10 +28,8 @@ import multiprocessing
 import os
 import time
 import warnings
-from collections import deque
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -41,6 +39,7 @@ import torch
 from PIL import Image, ImageDraw, ImageOps
 
 from emopipe.catalog import TextThresholds
+from emopipe.concurrency import bounded_map
 from emopipe.db import Database
 from emopipe.fingerprint import params_hash as hash_params
 from emopipe.paths import object_path
@@ -246,13 +245,7 @@ def decide(ocr: OcrOutput, thresholds: TextThresholds) -> Decision:
 def _prefetched(items: list[str], load: Callable[[str], Any], depth: int) -> Iterator[Any]:
     """load(item) for each item in order, decoding up to `depth` ahead on threads (Pillow releases the GIL)."""
     with ThreadPoolExecutor(max(1, depth // 2)) as pool:
-        queue: deque = deque()
-        for item in items:
-            queue.append(pool.submit(load, item))
-            if len(queue) >= depth:
-                yield queue.popleft().result()
-        while queue:
-            yield queue.popleft().result()
+        yield from bounded_map(pool, load, items, in_flight=depth)
 
 
 def _ocr_in_process(reader: Reader, ids: list[str], objects_root: Path, ocr_size: int, batch_size: int) -> Iterator[OcrOutput]:
@@ -294,13 +287,8 @@ def _ocr_in_workers(ids: list[str], objects_root: Path, ocr_size: int, workers: 
     # pool executor, not multiprocessing.Pool: a worker killed for memory fails the run instead of hanging it.
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
                              initargs=(threads, str(work_dir), precision)) as pool:
-        tasks = iter(ids)
-        running = {pool.submit(_worker_ocr, (i, str(objects_root), ocr_size)) for i in islice(tasks, 4 * workers)}
-        while running:
-            done, running = wait(running, return_when=FIRST_COMPLETED)
-            running |= {pool.submit(_worker_ocr, (i, str(objects_root), ocr_size)) for i in islice(tasks, len(done))}
-            for future in done:
-                yield future.result()
+        yield from bounded_map(pool, _worker_ocr, ((i, str(objects_root), ocr_size) for i in ids),
+                               in_flight=4 * workers, ordered=False)
 
 
 def available_cores() -> int:

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import os
 import tempfile
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Iterator
 from urllib.parse import urlsplit
 
 from emopipe.catalog import DatasetSpec
+from emopipe.concurrency import bounded_map
 from emopipe.core.download import MAX_FETCH_BYTES, FetchFailed, fetch_to_file
 from emopipe.core.sources.items import Fetched, SourceItem
+from emopipe.core.sources.parquet import ParquetReader
 
 
 def fetch_items(
@@ -27,24 +29,12 @@ def fetch_items(
     connections with exponential backoff; a failure is a Fetched with a reason, never an exception.
     Parquet rows are read through the dataset's `spec` and `work_dir` (where the listing put them).
     """
-    from emopipe.core.sources.parquet import ParquetReader
-
     incoming = Path(incoming) if incoming is not None else Path(tempfile.gettempdir())
     parquet = ParquetReader(spec, work_dir) if spec is not None and spec.source == "parquet" else None
-    pending: set[Future] = set()
-    todo = iter(items)
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fetch")
     try:
-        while True:
-            for item in todo:
-                pending.add(pool.submit(_fetch_one, item, timeout, retries, max_bytes, incoming, parquet))
-                if len(pending) >= 2 * workers:
-                    break
-            if not pending:
-                return
-            done, pending = wait(pending, return_when=FIRST_COMPLETED)
-            for future in done:
-                yield future.result()
+        yield from bounded_map(pool, lambda item: _fetch_one(item, timeout, retries, max_bytes, incoming, parquet),
+                               items, in_flight=2 * workers, ordered=False)
     finally:
         # A consumer that stops early does not wait for downloads it no longer wants.
         pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,58 @@
+"""The asset wiring, in this process: `dg.materialize` of the whole chain for one small experiment
+partition (conftest's `wiring`), against a temp data dir and DuckDB file, then one asset again."""
+
+import dagster as dg
+import duckdb
+import pytest
+from dagster_duckdb import DuckDBResource
+
+from emopipe.db import CONNECTION_CONFIG
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    """(materialize(selection), the DuckDB file, the result of materializing everything once)."""
+    root = tmp_path_factory.mktemp("wiring")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("EMOPIPE_DATA_DIR", str(root / "data"))
+        from emopipe.definitions import ASSETS, CHECKS
+
+        resources = {"duckdb": DuckDBResource(database=str(root / "data" / "emopipe.duckdb"), connection_config=CONNECTION_CONFIG),
+                     "io_manager": dg.FilesystemIOManager(base_dir=str(root / "io"))}
+        instance = dg.DagsterInstance.ephemeral()
+
+        def materialize(selection=None):
+            return dg.materialize([*ASSETS, *CHECKS], selection=selection, partition_key="wiring", resources=resources,
+                                  instance=instance, raise_on_error=False)
+
+        yield materialize, root / "data" / "emopipe.duckdb", materialize()
+
+
+def query(db, sql):
+    with duckdb.connect(str(db), read_only=True) as conn:
+        return conn.execute(sql).fetchall()
+
+
+def test_the_whole_chain_materializes_and_its_checks_pass(chain):
+    _, db, result = chain
+    assert result.success, [e.event_specific_data.error.message for e in result.all_events if e.is_step_failure]
+    materialized = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
+    assert {"raw_images", "images_32", "text_scores", "filtered_images", "splits", "tuned_hyperparams", "trained_model",
+            "evaluation", "explanations"} <= materialized
+    checks = {e.event_specific_data.check_name: e.event_specific_data.passed for e in result.all_events
+              if e.event_type_value == "ASSET_CHECK_EVALUATION"}
+    assert checks == {"text_detection_quality": True, "split_is_sound": True, "lineage_verified": True}
+    [(model_id, split_id)] = query(db, "SELECT model_id, split_id FROM models")
+    evaluation = result.output_for_node("evaluation")
+    assert (evaluation["model_id"], evaluation["split_id"]) == (model_id, split_id)
+    assert query(db, "SELECT count(*) FROM images")[0][0] == 48
+    assert query(db, "SELECT DISTINCT model_id FROM metrics") == [(model_id,)]
+
+
+def test_evaluation_alone_reads_the_recorded_model(chain):
+    materialize, db, first = chain
+    assert first.success
+    again = materialize(["evaluation"])
+    assert again.success
+    assert query(db, "SELECT count(*) FROM models")[0][0] == 1  # nothing trained again
+    assert again.output_for_node("evaluation")["model_id"] == query(db, "SELECT model_id FROM models")[0][0]
