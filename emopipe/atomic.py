@@ -4,15 +4,18 @@ killed process never leaves half a checkpoint, cache shard or report where a rea
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable
 
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Call write(f) on a temp file in path's folder, then rename it to path."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """Call write(f) on a temp file in path's folder (a name of its own, so threads writing the same path
+    do not share one), then rename it to path."""
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(name)
     try:
-        with open(tmp, "wb") as f:
+        with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())

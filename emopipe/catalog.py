@@ -373,6 +373,8 @@ def _head_hidden(e: _Entry) -> int | tuple[int, ...]:
 
 
 def _experiment(name: str, entry: dict, file: Path, datasets: dict[str, DatasetSpec]) -> ExperimentSpec:
+    # Long on purpose: one statement per catalog key, in the order of ExperimentSpec, so a reader checks a
+    # key's type, default and allowed values in one place.
     e = _Entry(file, f"experiments.{name}", entry, EXPERIMENT_KEYS)
     dataset = e.get("dataset", str, choices=sorted(datasets), required=True)
     evals = []

@@ -20,8 +20,8 @@ from emopipe.core.splits import (
     make_split,
     parse_scheme,
     perceptual_hash,
-    verify_split,
 )
+from emopipe.core.split_is_sound import verify_split
 from emopipe.fingerprint import sha256_bytes
 from emopipe_tests.conftest import encode
 

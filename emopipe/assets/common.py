@@ -12,9 +12,6 @@ from emopipe.core.raw_images import dataset_fingerprint
 from emopipe.db import Database
 from emopipe.errors import UserError
 
-# Data versions on Output are how every asset records its fingerprint; they are beta in Dagster 1.13.
-warnings.filterwarnings("ignore", category=dg.BetaWarning)
-
 CATALOG = load_catalog()
 
 # One static partition per experiment, shared by every asset: one run = one experiment's chain.
@@ -36,6 +33,15 @@ def experiment(context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext
 
 def database(resource: DuckDBResource) -> Database:
     return Database.from_resource(resource)
+
+
+def versioned_output(value, metadata: dict, version: str) -> dg.Output:
+    """The asset's output with its fingerprint as Dagster data version, how every asset records what it
+    produced. `data_version` is a beta parameter in Dagster 1.13: its warning is silenced for this call
+    only, not for the process."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", dg.BetaWarning)
+        return dg.Output(value, metadata=metadata, data_version=dg.DataVersion(version))
 
 
 def png_markdown(png: bytes, alt: str) -> dg.MetadataValue:

@@ -4,7 +4,7 @@ import dagster as dg
 from dagster_duckdb import DuckDBResource
 
 from emopipe.assets.common import (
-    ARRAY_ASSETS, CATALOG, CODE_VERSION, database, experiment, experiment_partitions, png_markdown, recorded_metadata, user_errors,
+    ARRAY_ASSETS, CATALOG, CODE_VERSION, database, experiment, experiment_partitions, png_markdown, recorded_metadata, user_errors, versioned_output,
 )
 from emopipe.core.evaluation import (
     comparison_markdown, confusion_from_rows, confusion_png, evaluated_images, headline_markdown, write_evaluation,
@@ -81,7 +81,7 @@ def evaluation(context: dg.AssetExecutionContext, duckdb: DuckDBResource, traine
                                     data_dir() / "reports" / f"{exp.name}-{trained_model['model_id'][:12]}-{dataset}-confusion.png")
                 metadata[f"{dataset}/test/confusion_matrix"] = png_markdown(png.read_bytes(), f"{dataset} confusion matrix")
     handle = {"model_id": trained_model["model_id"], "split_id": split_id, "headline": headline}
-    return dg.Output(handle, metadata=metadata, data_version=dg.DataVersion(trained_model["model_id"]))
+    return versioned_output(handle, metadata, trained_model["model_id"])
 
 
 @dg.asset_check(asset=evaluation, blocking=True, description=(

@@ -3,7 +3,7 @@
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
-from emopipe.assets.common import ARRAY_ASSETS, CODE_VERSION, database, experiment, experiment_partitions, png_markdown
+from emopipe.assets.common import ARRAY_ASSETS, CODE_VERSION, database, experiment, experiment_partitions, png_markdown, versioned_output
 from emopipe.core.evaluation import evaluated_images
 from emopipe.core.explanations import caption, explain, overlay_png, select_samples
 from emopipe.core.images import load_array
@@ -27,7 +27,7 @@ from emopipe.paths import data_dir
 def explanations(context: dg.AssetExecutionContext, duckdb: DuckDBResource, trained_model: dict) -> dg.Output[dict]:
     exp = experiment(context)
     if exp.task != "classification" or exp.explain_per_class == 0:
-        return dg.Output({"images": []}, metadata={"explained": 0}, data_version=dg.DataVersion("none"))
+        return versioned_output({"images": []}, {"explained": 0}, "none")
     db = database(duckdb)
     model, info = load_checkpoint(trained_model["checkpoint_path"])
     classes = info["classes"]
@@ -47,4 +47,4 @@ def explanations(context: dg.AssetExecutionContext, duckdb: DuckDBResource, trai
         png = overlay_png(x[i], heat[k], caption(classes[t], float(probs[i, t]), label))
         (out / f"{label}-{image_id[:12]}.png").write_bytes(png)
         metadata[f"{label}: {image_id[:12]}"] = png_markdown(png, f"IG heatmap of {image_id[:12]}")
-    return dg.Output({"images": [c[0] for c in chosen]}, metadata=metadata, data_version=dg.DataVersion(trained_model["model_id"]))
+    return versioned_output({"images": [c[0] for c in chosen]}, metadata, trained_model["model_id"])

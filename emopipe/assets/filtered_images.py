@@ -3,7 +3,7 @@
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
-from emopipe.assets.common import CODE_VERSION, database, experiment, experiment_partitions, table_metadata, png_markdown, require_dataset_unchanged
+from emopipe.assets.common import CODE_VERSION, database, experiment, experiment_partitions, table_metadata, png_markdown, require_dataset_unchanged, versioned_output
 from emopipe.core.filtered_images import filter_images
 from emopipe.core.preview import grid_png, thumbnails
 
@@ -41,4 +41,4 @@ def filtered_images(context: dg.AssetExecutionContext, duckdb: DuckDBResource, t
     if result.removed_examples:
         metadata["removed_preview"] = png_markdown(grid_png(thumbnails(result.removed_examples)), "images removed for text")
     handle = {"filter_id": result.filter_id, "dataset": exp.dataset, "params_hash": text_scores["params_hash"], "n_kept": result.n_kept}
-    return dg.Output(handle, metadata=metadata, data_version=dg.DataVersion(result.filter_id))
+    return versioned_output(handle, metadata, result.filter_id)

@@ -3,10 +3,9 @@
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
-from emopipe.assets.common import CATALOG, CODE_VERSION, database, experiment, experiment_partitions, png_markdown, require_dataset_unchanged
-from emopipe.core.images import build_arrays, load_array, method_for
+from emopipe.assets.common import CATALOG, CODE_VERSION, database, experiment, experiment_partitions, png_markdown, require_dataset_unchanged, versioned_output
+from emopipe.core.images import array_fingerprint, build_arrays, load_array, method_for
 from emopipe.core.preview import grid_png
-from emopipe.fingerprint import rows_fingerprint
 from emopipe.paths import data_dir, objects_dir
 
 # 32 px feeds the near-duplicate hashes of `splits`; every experiment also needs its own size.
@@ -46,15 +45,15 @@ def images_asset(size: int) -> dg.AssetsDefinition:
         exp = experiment(context)
         if size not in (*ALWAYS_BUILT, exp.image_size):
             context.log.info(f"{exp.name} trains at {exp.image_size} px: nothing to build at {size} px")
-            return dg.Output({"size": size, "method": method, "n_images": 0},
-                             metadata={"used_by_experiment": False, "n_images": 0}, data_version=dg.DataVersion("unused"))
+            return versioned_output({"size": size, "method": method, "n_images": 0},
+                                    {"used_by_experiment": False, "n_images": 0}, "unused")
         db = database(duckdb)
         image_ids = dataset_image_ids(db, raw_images)
         result = build_arrays(db, image_ids, size, objects_root=objects_dir(), arrays_root=data_dir() / "arrays", log=context.log.info)
         if result.failed:
             context.log.warning(f"{len(result.failed)} images could not be decoded: " + "; ".join(f"{k[:12]}: {v}" for k, v in list(result.failed.items())[:5]))
         built = [i for i in image_ids if i not in result.failed]
-        fingerprint = rows_fingerprint((i, size, method) for i in built)
+        fingerprint = array_fingerprint(db, built, size)
         sample = load_array(db, built[:16], size) if built else []
         metadata = {
             "used_by_experiment": True,
@@ -70,8 +69,8 @@ def images_asset(size: int) -> dg.AssetsDefinition:
         }
         if len(sample):
             metadata["preview"] = png_markdown(grid_png(list(sample)), f"first images at {size} px")
-        return dg.Output({"size": size, "method": method, "n_images": len(built), "fingerprint": fingerprint},
-                         metadata=metadata, data_version=dg.DataVersion(fingerprint))
+        return versioned_output({"size": size, "method": method, "n_images": len(built), "fingerprint": fingerprint},
+                                metadata, fingerprint)
 
     return _asset
 

@@ -5,7 +5,7 @@ import json
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
-from emopipe.assets.common import CATALOG, CODE_VERSION, database, experiment, experiment_partitions, table_metadata, png_markdown, user_errors
+from emopipe.assets.common import CATALOG, CODE_VERSION, database, experiment, experiment_partitions, table_metadata, png_markdown, user_errors, versioned_output
 from emopipe.core.preview import grid_png, thumbnails
 from emopipe.core.raw_images import ingest_dataset, preview_sample
 from emopipe.fingerprint import rows_fingerprint
@@ -52,4 +52,4 @@ def raw_images(context: dg.AssetExecutionContext, duckdb: DuckDBResource) -> dg.
         "fingerprint": rows_fingerprint((n, h["fingerprint"]) for n, h in handle.items()),
         "preview": png_markdown(grid_png(thumbnails([i for i, _ in sample]), [label for _, label in sample]), f"{exp.dataset} sample"),
     })
-    return dg.Output(handle, metadata=metadata, data_version=dg.DataVersion(metadata["fingerprint"]))
+    return versioned_output(handle, metadata, metadata["fingerprint"])

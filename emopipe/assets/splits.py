@@ -3,8 +3,9 @@
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
-from emopipe.assets.common import CATALOG, CODE_VERSION, database, experiment, experiment_partitions, table_metadata, recorded_metadata, user_errors
-from emopipe.core.splits import make_split, near_duplicate_groups, verify_split
+from emopipe.assets.common import CATALOG, CODE_VERSION, database, experiment, experiment_partitions, table_metadata, recorded_metadata, user_errors, versioned_output
+from emopipe.core.split_is_sound import verify_split
+from emopipe.core.splits import make_split, near_duplicate_groups
 
 
 @dg.asset(
@@ -44,7 +45,7 @@ def splits(context: dg.AssetExecutionContext, duckdb: DuckDBResource, filtered_i
         "messages": dg.MetadataValue.md("\n".join(f"- {m}" for m in result.small_classes + result.notes) or "none"),
     }
     handle = {"split_id": result.split_id, "filter_id": filtered_images["filter_id"], "dataset": exp.dataset, "scheme": exp.split}
-    return dg.Output(handle, metadata=metadata, data_version=dg.DataVersion(result.fingerprint))
+    return versioned_output(handle, metadata, result.fingerprint)
 
 
 @dg.asset_check(asset=splits, blocking=True, description=(

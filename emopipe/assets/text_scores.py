@@ -6,7 +6,7 @@ import dagster as dg
 from dagster_duckdb import DuckDBResource
 
 from emopipe.assets.common import (
-    CATALOG, CODE_VERSION, database, experiment, experiment_partitions, table_metadata, recorded_metadata, user_errors,
+    CATALOG, CODE_VERSION, database, experiment, experiment_partitions, table_metadata, recorded_metadata, user_errors, versioned_output,
 )
 from emopipe.core.text_scores import score_text, text_quality
 from emopipe.paths import data_dir, objects_dir
@@ -35,8 +35,8 @@ def text_scores(context: dg.AssetExecutionContext, duckdb: DuckDBResource, raw_i
     exp = experiment(context)
     if not exp.text_filter:
         context.log.info(f"{exp.name} sets text_filter: false; no OCR needed")
-        return dg.Output({"dataset": exp.dataset, "text_filter": False, "params_hash": None, "params": None},
-                         metadata={"text_filter": False}, data_version=dg.DataVersion("no-filter"))
+        return versioned_output({"dataset": exp.dataset, "text_filter": False, "params_hash": None, "params": None},
+                                {"text_filter": False}, "no-filter")
     db = database(duckdb)
     thresholds = CATALOG.thresholds(exp)
     with db.connect() as conn:
@@ -61,7 +61,7 @@ def text_scores(context: dg.AssetExecutionContext, duckdb: DuckDBResource, raw_i
     handle = {"dataset": exp.dataset, "text_filter": True, "params_hash": params_hash, "params": params,
               "dataset_fingerprint": raw_images[exp.dataset]["fingerprint"]}
     version = f"{params_hash}-{raw_images[exp.dataset]['fingerprint'][:16]}"
-    return dg.Output(handle, metadata=metadata, data_version=dg.DataVersion(version))
+    return versioned_output(handle, metadata, version)
 
 
 @dg.asset_check(asset=text_scores, blocking=True, description=(

@@ -6,7 +6,7 @@ import dagster as dg
 from dagster_duckdb import DuckDBResource
 
 from emopipe.assets.common import (
-    ARRAY_ASSETS, CATALOG, CODE_VERSION, database, experiment, experiment_partitions, table_metadata, png_markdown, user_errors,
+    ARRAY_ASSETS, CATALOG, CODE_VERSION, database, experiment, experiment_partitions, table_metadata, png_markdown, user_errors, versioned_output,
 )
 from emopipe.core.trained_model.distributed import train_distributed, world_size
 from emopipe.core.trained_model import load_training_data, record_model, train_model
@@ -63,7 +63,7 @@ def trained_model(context: dg.AssetExecutionContext, duckdb: DuckDBResource, spl
         "learning_curve": png_markdown(result.curve_png.read_bytes(), "learning curves"),
     }
     handle = {"model_id": result.model_id, "checkpoint_path": str(result.checkpoint_path), "split_id": splits["split_id"]}
-    return dg.Output(handle, metadata=metadata, data_version=dg.DataVersion(result.model_id))
+    return versioned_output(handle, metadata, result.model_id)
 
 
 def training_data(db, exp, split_id: str):

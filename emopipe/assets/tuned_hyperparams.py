@@ -5,7 +5,7 @@ import dagster as dg
 from dagster_duckdb import DuckDBResource
 
 from emopipe.assets.common import (
-    ARRAY_ASSETS, CODE_VERSION, database, experiment, experiment_partitions, table_metadata, user_errors,
+    ARRAY_ASSETS, CODE_VERSION, database, experiment, experiment_partitions, table_metadata, user_errors, versioned_output,
 )
 from emopipe.assets.trained_model import training_data
 from emopipe.paths import data_dir
@@ -28,7 +28,7 @@ from emopipe.paths import data_dir
 def tuned_hyperparams(context: dg.AssetExecutionContext, duckdb: DuckDBResource, splits: dict) -> dg.Output[dict]:
     exp = experiment(context)
     if exp.tune is None:
-        return dg.Output({"best_config": None}, metadata={"tuned": False}, data_version=dg.DataVersion("not-tuned"))
+        return versioned_output({"best_config": None}, {"tuned": False}, "not-tuned")
     # Ray is an optional extra (`pip install -e '.[tune]'`): imported only by experiments that tune.
     from emopipe.core.tuned_hyperparams import tune_hyperparameters
 
@@ -45,4 +45,4 @@ def tuned_hyperparams(context: dg.AssetExecutionContext, duckdb: DuckDBResource,
         "trials": table_metadata(["trial", "lr (final)", "weight_decay", "batch_size", f"val {result.metric}"], trials),
     }
     version = "-".join(f"{k}={v}" for k, v in sorted(result.best_config.items()))
-    return dg.Output({"best_config": result.best_config}, metadata=metadata, data_version=dg.DataVersion(version))
+    return versioned_output({"best_config": result.best_config}, metadata, version)

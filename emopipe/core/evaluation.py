@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -24,9 +23,11 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import pyarrow as pa
 
+from emopipe.atomic import atomic_write
 from emopipe.catalog import ExperimentSpec, Reference
 from emopipe.db import Database
 from emopipe.errors import UserError
+from emopipe.markdown import markdown_table
 
 BOOTSTRAP_RESAMPLES = 1000
 BOOTSTRAP_SEED = 0
@@ -314,6 +315,15 @@ def write_evaluation(
         raise ValueError(f"task must be classification or regression, not {task!r}")
     rows = [replace(r, dataset=dataset, part=part) for r in rows]
 
+    _replace_rows(db, rows, experiment=experiment, model_id=model_id, split_id=split_id, dataset=dataset, part=part,
+                  image_ids=ids, labels=label_text, predicted=predicted_text, scores=score_json)
+    return rows
+
+
+def _replace_rows(db: Database, rows: list[MetricRow], *, experiment: str, model_id: str, split_id: str, dataset: str,
+                  part: str, image_ids: list[str], labels: list[str], predicted: list[str], scores: list[str]) -> None:
+    """The (experiment, model, dataset, part)'s metrics and predictions rows, replaced in one transaction
+    from Arrow tables."""
     metric_table = pa.table({
         "experiment": [experiment] * len(rows), "model_id": [model_id] * len(rows), "split_id": [split_id] * len(rows),
         "dataset": [dataset] * len(rows), "part": [part] * len(rows),
@@ -322,8 +332,8 @@ def write_evaluation(
         "ci_high": pa.array([r.ci_high for r in rows], pa.float64()), "n": pa.array([r.n for r in rows], pa.int64()),
     })
     prediction_table = pa.table({
-        "model_id": [model_id] * len(ids), "dataset": [dataset] * len(ids), "image_id": ids, "part": [part] * len(ids),
-        "label": label_text, "predicted": predicted_text, "scores": score_json,
+        "model_id": [model_id] * len(image_ids), "dataset": [dataset] * len(image_ids), "image_id": image_ids, "part": [part] * len(image_ids),
+        "label": labels, "predicted": predicted, "scores": scores,
     })
     with db.transaction() as conn:
         conn.execute("DELETE FROM metrics WHERE experiment = ? AND model_id = ? AND dataset = ? AND part = ?",
@@ -336,7 +346,6 @@ def write_evaluation(
             conn.register("incoming", table)
             conn.execute(f"INSERT INTO {name} ({columns}) SELECT {columns} FROM incoming")
             conn.unregister("incoming")
-    return rows
 
 
 def _json_object(names: Sequence[str], values: np.ndarray) -> str:
@@ -403,7 +412,7 @@ def headline_markdown(
     header = ["dataset", "part", "n", *(title for _, title in columns)]
     if reference:
         header += ["reference", "difference"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = []
     for dataset, part in groups:
         found = {m: overall.get((dataset, part, m)) for m, _ in columns}
         n = next((r.n for r in found.values() if r is not None), None)
@@ -413,11 +422,11 @@ def headline_markdown(
             shown = reference if (dataset == reference_dataset and part == "test") else None
             values = {m: r.value for m, r in found.items() if r is not None}
             cells += list(_reference_cells(shown, values))
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(cells)
     excluded = [(d, p, r.value) for (d, p, m), r in overall.items() if m == "excluded" and r.value > 0]
     notes = [f"{d} ({p}): {int(v)} images excluded (their label maps to no class)" for d, p, v in excluded]
     # A blank line ends the table: a plain line right below it would render as one more row.
-    return "\n".join(lines) + "".join(f"\n\n{note}" for note in notes) + "\n"
+    return markdown_table(header, lines) + "".join(f"\n\n{note}" for note in notes) + "\n"
 
 
 def confusion_png(matrix: np.ndarray, classes: Sequence[str], path: str | os.PathLike) -> Path:
@@ -448,10 +457,7 @@ def confusion_png(matrix: np.ndarray, classes: Sequence[str], path: str | os.Pat
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Written beside the target, then renamed: a reader never sees a half-written PNG.
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".png", delete=False) as tmp:
-        fig.savefig(tmp, format="png")
-    os.replace(tmp.name, path)
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))  # a reader never sees a half-written PNG
     return path
 
 
@@ -476,14 +482,14 @@ def comparison_markdown(db: Database, experiments: Mapping[str, ExperimentSpec] 
     columns = [(m, title) for m, title in _HEADLINE if any(m in line for line in table.values())]
     experiments = experiments or {}
     header = ["experiment", "dataset", "part", "model", "split", "n", *(t for _, t in columns), "reference", "difference"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = []
     for (experiment, dataset, part), line in table.items():
         cells = [experiment, dataset, part, line["model"][:12], line["split"][:12], str(line["n"])]
         cells += [_cell(m, *line[m]) if m in line else "—" for m, _ in columns]
         spec = experiments.get(experiment)
         shown = spec.reference if spec and dataset == spec.dataset and part == "test" else None
         cells += list(_reference_cells(shown, {m: line[m][0] for m, _ in columns if m in line}))
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(cells)
     if not table:
         return "No experiment has been evaluated yet.\n"
-    return "\n".join(lines) + "\n"
+    return markdown_table(header, lines) + "\n"

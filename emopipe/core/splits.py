@@ -38,7 +38,6 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import duckdb
 import numpy as np
@@ -52,6 +51,7 @@ from emopipe.core.filtered_images import kept_image_ids
 from emopipe.core.images import load_array
 from emopipe.db import CONNECTION_CONFIG, Database
 from emopipe.errors import UserError
+from emopipe.markdown import markdown_table
 from emopipe.fingerprint import rows_fingerprint
 
 PARTS = ("train", "val", "test")
@@ -197,7 +197,7 @@ def make_split(
     ratios = parse_scheme(scheme)
     with db.connect() as conn:
         filter_params_hash = _filter_params_hash(conn, dataset, filter_id)
-        items = _load_filtered(conn, dataset, filter_id, split_column)
+        items = load_filtered(conn, dataset, filter_id, split_column)
     done = assign_parts(items, groups, ratios, seed)
     rows = done.rows
     ids, parts = rows["image_id"].to_pylist(), rows["part"].to_pylist()
@@ -236,7 +236,7 @@ def recomputed_split_id(db: Database, *, dataset: str, filter_id: str, scheme: s
     """The split id that `make_split` gives for these settings on the stored rows now (nothing written):
     what a stored split_runs row's scheme, seed and filter are checked against."""
     with db.connect() as conn:
-        items = _load_filtered(conn, dataset, filter_id, split_column)
+        items = load_filtered(conn, dataset, filter_id, split_column)
     rows = assign_parts(items, near_duplicate_groups(db, filter_id), parse_scheme(scheme), seed).rows
     return rows_fingerprint(zip(rows["image_id"].to_pylist(), rows["part"].to_pylist()))
 
@@ -246,10 +246,10 @@ def assign_parts(
 ) -> Assignment:
     """The split itself, in an in-memory DuckDB: items has image_id, label, official (raw manifest value)."""
     with duckdb.connect(config=CONNECTION_CONFIG) as conn:
-        _stage(conn, items, groups, ratios)
+        stage_units(conn, items, groups, ratios)
         if ratios is None:
             _check_official(conn)
-            conn.execute(f"CREATE TEMP TABLE unit_parts AS {_OFFICIAL_UNIT_PARTS}")
+            conn.execute(f"CREATE TEMP TABLE unit_parts AS {OFFICIAL_UNIT_PARTS}")
         else:
             conn.execute(f"CREATE TEMP TABLE unit_parts AS {_RATIO_UNIT_PARTS}", [str(seed)])
         conn.execute("CREATE TEMP TABLE assigned AS SELECT m.*, p.key, p.part FROM members m JOIN unit_parts p USING (gid)")
@@ -272,7 +272,7 @@ def _filter_params_hash(conn, dataset: str, filter_id: str) -> str | None:
     return runs[0][1]
 
 
-def _load_filtered(conn, dataset: str, filter_id: str, split_column: str) -> pa.Table:
+def load_filtered(conn, dataset: str, filter_id: str, split_column: str) -> pa.Table:
     items = conn.sql(
         """SELECT f.image_id, coalesce(i.label, ?) AS label,
                   i.attributes ->> ('$."' || ? || '"') AS official, i.image_id IS NOT NULL AS known
@@ -346,13 +346,13 @@ _OFFICIAL_PART = "CASE lower(trim(official)) " + " ".join(
     f"WHEN '{raw}' THEN '{part}'" for raw, part in OFFICIAL_NAMES.items()) + " END"
 
 # A group spanning official parts goes wholly to its most held-out part: test, then val, then train.
-_OFFICIAL_UNIT_PARTS = f"""
+OFFICIAL_UNIT_PARTS = f"""
 SELECT gid, min(image_id) AS key, ['train', 'val', 'test'][max(list_position(['train', 'val', 'test'], {_OFFICIAL_PART}))] AS part
 FROM members GROUP BY gid
 """
 
 
-def _stage(conn, items: pa.Table, groups: dict[str, str] | None, ratios: tuple[int, int, int] | None) -> None:
+def stage_units(conn, items: pa.Table, groups: dict[str, str] | None, ratios: tuple[int, int, int] | None) -> None:
     group_map = pa.table({"image_id": pa.array(list(groups or {}), pa.string()),
                           "gid": pa.array(list((groups or {}).values()), pa.string())})
     conn.register("items", items)
@@ -408,121 +408,12 @@ def _ratio_messages(conn, ratios: tuple[int, int, int]) -> tuple[list[str], list
 # ---------------------------------------------------------------------------------------------
 # Checks and metadata
 
-class CheckOutcome(NamedTuple):
-    name: str
-    passed: bool
-    details: str
-
-
-def verify_split(
-    db: Database,
-    split_id: str,
-    filter_id: str,
-    groups: dict[str, str] | None,
-    scheme: str,
-    split_column: str = "split",
-) -> list[CheckOutcome]:
-    """The blocking checks on a stored split: parts valid and disjoint, every filtered image assigned
-    exactly once, no near-duplicate group across parts, and per-class proportions within tolerance
-    (ratio schemes) or the manifest's parts kept (official)."""
-    ratios = parse_scheme(scheme)
-    with db.connect() as conn:
-        datasets = [d for (d,) in conn.execute("SELECT DISTINCT dataset FROM filter_runs WHERE filter_id = ?", [filter_id]).fetchall()]
-        if not datasets:
-            return [CheckOutcome("filter_known", False, f"filter {filter_id!r} has no filter_runs row")]
-        items = _load_filtered(conn, datasets[0], filter_id, split_column)
-        stored = conn.sql("SELECT image_id, part FROM splits WHERE split_id = ?", params=[split_id]).to_arrow_table()
-    with duckdb.connect(config=CONNECTION_CONFIG) as conn:
-        _stage(conn, items, groups, ratios)
-        conn.register("stored", stored)
-        outcomes = [_check_parts(conn), _check_coverage(conn), _check_groups(conn)]
-        outcomes.append(_check_official_parts(conn) if ratios is None else _check_proportions(conn))
-    return outcomes
-
-
-def _examples(values) -> str:
-    return ", ".join(str(v) for v in values[:5]) + (" ..." if len(values) > 5 else "")
-
-
-def _check_parts(conn) -> CheckOutcome:
-    bad_parts, two_parts = conn.execute(
-        f"""SELECT list(DISTINCT part) FILTER (WHERE part NOT IN {PARTS}),
-                   (SELECT list(image_id) FROM (SELECT image_id FROM stored GROUP BY image_id HAVING count(DISTINCT part) > 1))
-            FROM stored"""
-    ).fetchall()[0]
-    bad_parts, two_parts = bad_parts or [], two_parts or []
-    ok = not bad_parts and not two_parts
-    details = "every row is train, val or test and no image is in two parts" if ok else (
-        f"unknown parts: {bad_parts}; images in two parts: {len(two_parts)} ({_examples(two_parts)})")
-    return CheckOutcome("parts_disjoint", ok, details)
-
-
-def _check_coverage(conn) -> CheckOutcome:
-    missing, extra, repeated, n_stored = conn.execute(
-        """SELECT (SELECT list(image_id) FROM members ANTI JOIN stored USING (image_id)),
-                  (SELECT list(DISTINCT image_id) FROM stored ANTI JOIN members USING (image_id)),
-                  (SELECT list(image_id) FROM (SELECT image_id FROM stored GROUP BY image_id HAVING count(*) > 1)),
-                  (SELECT count(*) FROM stored)"""
-    ).fetchall()[0]
-    missing, extra, repeated = missing or [], extra or [], repeated or []
-    ok = not (missing or extra or repeated)
-    details = f"{n_stored} rows, one per filtered image" if ok else (
-        f"filtered but unassigned: {len(missing)} ({_examples(missing)}); assigned but not filtered: {len(extra)} "
-        f"({_examples(extra)}); assigned more than once: {len(repeated)} ({_examples(repeated)})")
-    return CheckOutcome("every_image_assigned_once", ok, details)
-
-
-def _check_groups(conn) -> CheckOutcome:
-    spanning = conn.execute(
-        """SELECT u.key, list(DISTINCT s.part ORDER BY s.part) FROM members m JOIN units u USING (gid)
-           JOIN stored s USING (image_id) WHERE u.size > 1
-           GROUP BY u.key HAVING count(DISTINCT s.part) > 1 ORDER BY u.key"""
-    ).fetchall()
-    n_groups = conn.execute("SELECT count(*) FROM units WHERE size > 1").fetchall()[0][0]
-    details = f"{n_groups} near-duplicate groups, each in one part" if not spanning else (
-        f"{len(spanning)} of {n_groups} near-duplicate groups span parts: "
-        + _examples([f"{key} in {parts}" for key, parts in spanning]))
-    return CheckOutcome("duplicate_groups_in_one_part", not spanning, details)
-
-
-def _check_proportions(conn) -> CheckOutcome:
-    """Per stratum and part, |count - largest-remainder target| <= 2*floor(largest group/2) (0 for
-    singletons: each boundary moves by at most half a group); small strata must be wholly in train."""
-    off = conn.execute(
-        """WITH actual AS (
-               SELECT u.stratum, s.part, count(*) AS n FROM stored s JOIN members m USING (image_id)
-               JOIN units u USING (gid) GROUP BY ALL)
-           SELECT t.stratum, t.part, coalesce(a.n, 0) AS n,
-                  CASE WHEN sm.stratum IS NULL THEN t.target WHEN t.ord = 0 THEN st.n ELSE 0 END AS expected,
-                  CASE WHEN sm.stratum IS NULL THEN 2 * (st.largest // 2) ELSE 0 END AS tolerance
-           FROM targets t JOIN strata st USING (stratum) LEFT JOIN actual a USING (stratum, part)
-           LEFT JOIN small sm USING (stratum)
-           WHERE abs(coalesce(a.n, 0) - expected) > tolerance ORDER BY ALL"""
-    ).fetchall()
-    n_strata = conn.execute("SELECT count(*) FROM strata").fetchall()[0][0]
-    details = f"{n_strata} classes, every part within tolerance of its target" if not off else (
-        f"{len(off)} class/part counts off target: "
-        + _examples([f"{s}/{p}: {n} (target {e} +- {tol})" for s, p, n, e, tol in off]))
-    return CheckOutcome("proportions", not off, details)
-
-
-def _check_official_parts(conn) -> CheckOutcome:
-    wrong = conn.execute(
-        f"""WITH expected AS ({_OFFICIAL_UNIT_PARTS})
-            SELECT m.image_id, s.part, e.part FROM members m JOIN expected e USING (gid)
-            JOIN stored s USING (image_id) WHERE s.part IS DISTINCT FROM e.part ORDER BY 1"""
-    ).fetchall()
-    details = "every image is in its manifest part (or its near-duplicate group's)" if not wrong else (
-        f"{len(wrong)} images not in their official part: " + _examples([f"{i} in {p}, expected {e}" for i, p, e in wrong]))
-    return CheckOutcome("official_parts", not wrong, details)
-
-
 def counts_markdown(counts: dict[str, dict[str, int]]) -> str:
     """A class x part table of image counts with totals, as Markdown."""
-    lines = ["| class | " + " | ".join(PARTS) + " | total |", "|---|" + "---:|" * (len(PARTS) + 1)]
+    rows = []
     for label in sorted(counts):
         row = [counts[label].get(p, 0) for p in PARTS]
-        lines.append(f"| {label} | " + " | ".join(map(str, row)) + f" | {sum(row)} |")
+        rows.append([label, *row, sum(row)])
     totals = [sum(c.get(p, 0) for c in counts.values()) for p in PARTS]
-    lines.append("| **total** | " + " | ".join(map(str, totals)) + f" | {sum(totals)} |")
-    return "\n".join(lines)
+    rows.append(["**total**", *totals, sum(totals)])
+    return markdown_table(["class", *PARTS, "total"], rows, numeric=range(1, len(PARTS) + 2))

@@ -328,6 +328,9 @@ def score_text(
 ) -> TextScoreResult:
     """Decide has_text for every image under `thresholds`, running OCR only where no stored output exists.
 
+    (One function on purpose: cache lookup, OCR, storing and deciding share one engine key and one
+    set of ids, and read best top to bottom.)
+
     device: "cuda" or "cpu" (default: cuda when available). precision: the detector's, "fp32" or
     "bf16" (default: detector_precision(device)). workers: CPU reader processes (default:
     default_workers()). batch_size: images per padded detector pass, in this process (default:

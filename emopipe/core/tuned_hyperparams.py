@@ -26,6 +26,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from emopipe.atomic import atomic_write
 from emopipe.catalog import ExperimentSpec
 from emopipe.core.device_data import configure_cuda, pick_device
 from emopipe.core.trained_model import (TrainingData, build_net, check_data, evaluate, setup_training, train_epoch,
@@ -90,6 +91,7 @@ def _local_ray():
 def tune_hyperparameters(experiment: ExperimentSpec, data: TrainingData, *, work_dir: Path, log: Log = print,
                          num_cpus: int | None = None, feature_cache: Path | None = None) -> TuneResult:
     """Run PBT for experiment.tune and return the best trial's hyperparameters and every trial's history.
+    (Long on purpose: Ray's start, the Tuner's configuration and its shutdown belong in one try/finally.)
     The result is kept as work_dir/pbt-<hash of experiment, tune settings, data>/result.json and
     returned from there when the same tuning is asked for again."""
     if experiment.tune is None:
@@ -170,9 +172,7 @@ def tune_hyperparameters(experiment: ExperimentSpec, data: TrainingData, *, work
     result = TuneResult(best_config=best["config"], best_val=float(best["val_metric"]), metric=metric_name,
                         trials=trials, perturbations=perturbations)
     result_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = result_file.with_name(f".result.{os.getpid()}.tmp")
-    tmp.write_text(result.to_json())
-    os.replace(tmp, result_file)
+    atomic_write(result_file, lambda f: f.write(result.to_json().encode()))
     return result
 
 
