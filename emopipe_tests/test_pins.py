@@ -1,0 +1,102 @@
+"""Behaviour that refactoring must not change, pinned: split ids (DuckDB SQL over md5 ranks: the same on
+every machine) and the checkpoint bytes of a few deterministic CPU trainings and of the demo.
+
+Checkpoint bytes depend on the CPU's vector instructions (the kernels sum in a different order), so
+model ids are pinned per CPU kind; on a kind with no pins the test skips and prints the ids to pin."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from emopipe.catalog import ExperimentSpec
+from emopipe.core.splits import assign_parts, parse_scheme
+from emopipe.core.trained_model import TrainingData, train_model
+from emopipe.fingerprint import rows_fingerprint
+
+SPLIT_IDS = {  # (scheme, seed, with near-duplicate groups) -> split id, as the code before the package split gave
+    ("70/15/15", 0, False): "17f17d4ac265d26e89e69f3d9c05dade80e1f8b2aaa3fc72966ec37fd8594716",
+    ("80/10/10", 3, True): "a03961dbe60c469861b4ccddc49e8ac8c892db7924a0b46f5f0e579da9f7886a",
+    ("official", 0, True): "e92048784809e790f0b67bef0de30c7ad0cae24f510fb148ea1b06fd4087efff",
+    ("90/10/0", 1, False): "b10a0d7aa191c50e020c168682f315f8c29989996707a4d2de25781633639db2",
+}
+MODEL_IDS = {  # CPU kind -> training -> model id
+    "avx512_bf16": {
+        "finetune": "d4a994d7b8a5a51ed43f72e20da42ad51481e86a3f97b9524a2e052e80d6b525",
+        "probe": "26315d65da8ec332ef513324fedade4b6e18133e52ad71214cb28a720aa59645",
+        "regression": "c71e8ad7e1649ddebb5a8b3c98a765b8544e3f136461c6880d428b4fa5dda979",
+    },
+}
+DEMO_SPLIT_ID = "3ccc1f77dbf5f2f720303b994051c45435c44a5fc7494350f1c07625cb2ed480"
+DEMO_MODEL_IDS = {"avx512_bf16": "eec9e9198b9c66e0d4ec78421191494aa05a46ab649b9d36253feaaf80c9ed15"}
+
+
+def cpu_kind() -> str:
+    flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("flags")), [])
+    return next((kind for kind in ("avx512_bf16", "avx512f", "avx2") if kind in flags), "other")
+
+
+def test_split_ids_stay_what_they_were():
+    ids = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(300)]
+    items = pa.table({"image_id": ids, "label": ["abc"[i % 3] if i % 7 else "d" for i in range(300)],
+                      "official": [("train", "val", "test")[i % 3] for i in range(300)]})
+    groups = {ids[i]: ids[0] for i in (0, 5, 9)} | {ids[i]: ids[1] for i in (1, 2)}
+    for (scheme, seed, grouped), pinned in SPLIT_IDS.items():
+        rows = assign_parts(items, groups if grouped else None, parse_scheme(scheme), seed).rows
+        assert rows_fingerprint(zip(rows["image_id"].to_pylist(), rows["part"].to_pylist())) == pinned, scheme
+
+
+def _data(task: str) -> TrainingData:
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 255, (40, 32, 32, 3), dtype=np.uint8)
+    y = np.arange(40) % 2
+    x[y == 1, :, :16] //= 3
+    ids = [f"{i:064x}" for i in range(40)]
+    if task == "regression":
+        t = np.stack([x.mean((1, 2, 3)) / 255, x[..., 0].mean((1, 2)) / 255], 1).astype(np.float32)
+        return TrainingData(None, ["a", "b"], ids[:30], ids[30:], x[:30], x[30:], t[:30], t[30:])
+    return TrainingData(["l", "r"], None, ids[:30], ids[30:], x[:30], x[30:], y[:30].astype(np.int64), y[30:].astype(np.int64))
+
+
+TRAININGS = {
+    "finetune": dict(model="resnet10t", pretrained="none", mode="finetune"),
+    "probe": dict(model="tf_efficientnet_lite0", pretrained="efficientnet_lite0", mode="linear_probe"),
+    "regression": dict(model="resnet10t", pretrained="none", mode="finetune", task="regression", targets=("a", "b")),
+}
+
+
+def test_checkpoint_bytes_stay_what_they_were(tmp_path, data_dir):
+    found = {}
+    for name, keys in TRAININGS.items():
+        exp = ExperimentSpec(name=f"pin_{name}", dataset="d", image_size=32, epochs=3, batch_size=8, **keys)
+        result = train_model(exp, _data(keys.get("task", "classification")), split_id="s", work_dir=tmp_path / name,
+                             log=lambda _: None, device="cpu", feature_cache=tmp_path / "features")
+        found[name] = result.model_id
+    pinned = MODEL_IDS.get(cpu_kind())
+    if pinned is None:
+        pytest.skip(f"no model ids pinned for CPU kind {cpu_kind()}; this machine gives {json.dumps(found)}")
+    assert found == pinned
+
+
+@pytest.mark.slow
+def test_the_demo_gives_the_same_split_and_model(tmp_path):
+    env = {**os.environ, "EMOPIPE_DATA_DIR": str(tmp_path / "data"), "DAGSTER_HOME": str(tmp_path)}
+    env.pop("EMOPIPE_CATALOG", None)  # the built-in demo, as a user runs it
+    (tmp_path / "dagster.yaml").write_text((Path(__file__).resolve().parents[1] / "dagster.yaml").read_text())
+    run = subprocess.run([sys.executable, "-m", "emopipe.cli", "run", "demo"], env=env, capture_output=True, text=True, timeout=1800)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    with duckdb.connect(str(tmp_path / "data" / "emopipe.duckdb"), read_only=True) as conn:
+        [(model_id, split_id)] = conn.execute("SELECT model_id, split_id FROM models WHERE experiment = 'demo'").fetchall()
+    assert split_id == DEMO_SPLIT_ID
+    pinned = DEMO_MODEL_IDS.get(cpu_kind())
+    if pinned is None:
+        pytest.skip(f"no demo model id pinned for CPU kind {cpu_kind()}; this machine gives {model_id}")
+    assert model_id == pinned
