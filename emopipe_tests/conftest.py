@@ -32,6 +32,17 @@ experiments:
     epochs: 2
     batch_size: 8
     explain_per_class: 1
+  wiring_tuned:
+    dataset: wiring
+    image_size: 32
+    text_filter: false
+    split: 50/25/25
+    model: resnet10t
+    pretrained: none
+    epochs: 2
+    batch_size: 8
+    explain_per_class: 0
+    tune: {population: 2, perturbation_interval: 1, epochs: 2}
 """
 if "EMOPIPE_CATALOG" not in os.environ:
     _catalog = Path(tempfile.mkdtemp(prefix="emopipe-test-catalog-")) / "catalog.yaml"

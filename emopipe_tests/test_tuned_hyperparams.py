@@ -1,4 +1,6 @@
 import importlib.util
+import json
+from pathlib import Path
 import threading
 import time
 
@@ -6,8 +8,9 @@ import numpy as np
 import pytest
 
 from emopipe.catalog import ExperimentSpec, TuneSpec
-from emopipe.core.trained_model import TrainingData
+from emopipe.core.trained_model import TrainingData, adopt_tuned_weights, load_checkpoint, predict
 from emopipe.core.tuned_hyperparams import tune_hyperparameters
+from emopipe.fingerprint import sha256_file
 from emopipe_tests.sockets import listeners
 
 # Not imported here: emopipe keeps Ray on loopback by settings Ray reads when it is first imported.
@@ -82,3 +85,55 @@ def test_population_based_training_perturbs_and_picks_a_trial_config(data_dir, t
         before = donor["history"][1]
         assert (h["lr"], h["weight_decay"], h["batch_size"]) != (before["lr"], before["weight_decay"], before["batch_size"])
     assert (data_dir / "ray").is_dir() or any("Ray temp dir" in line for line in logs)
+
+
+def test_trained_model_takes_the_best_trials_weights(data_dir, tmp_path):
+    """What PBT found is the model: the best trial's final weights, saved as an ordinary checkpoint whose
+    val metric is the trial's own and whose history is the trial's schedule of hyperparameters."""
+    import dataclasses
+
+    experiment = ExperimentSpec(
+        name="pbt_adopt", dataset="tiny", image_size=32, model="test_resnet", pretrained="none", epochs=4,
+        batch_size=8, lr=3e-3, weight_decay=0.01, augment=False,
+        tune=TuneSpec(population=2, perturbation_interval=2, epochs=4, quantile_fraction=0.5))
+    data = _data()
+    tuned = tune_hyperparameters(experiment, data, work_dir=tmp_path / "tune", log=lambda _: None, num_cpus=2)
+    best = next(t for t in tuned.trials if t["trial_id"] == tuned.best_trial)
+    assert best["val_metric"] == tuned.best_val and (tmp_path / "tune").rglob("best.pt")
+    final = dataclasses.replace(experiment, **tuned.best_config)
+    kwargs = dict(weights=Path(tuned.best_checkpoint), history=best["history"], split_id="s1", work_dir=tmp_path / "models",
+                  log=lambda _: None, device="cpu", feature_cache=tmp_path / "features")
+    result = adopt_tuned_weights(final, data, **kwargs)
+    assert result.best_val == pytest.approx(tuned.best_val, abs=1e-6)
+    assert [h["epoch"] for h in result.history] == [1, 2, 3, 4] and result.best_epoch == 4
+    assert [h["lr"] for h in result.history] == [h["lr"] for h in best["history"]]
+    model, info = load_checkpoint(result.checkpoint_path)
+    accuracy = (predict(model, info, data.x_val, device="cpu").argmax(1) == data.y_val).mean()
+    assert accuracy == pytest.approx(tuned.best_val, abs=1e-6)
+    assert adopt_tuned_weights(final, data, **kwargs).model_id == result.model_id  # the same inputs: the saved model
+
+
+def test_the_assets_pass_the_tuned_model_through(tmp_path, monkeypatch):
+    """Through Dagster (conftest's `wiring_tuned`): trained_model records the best trial's weights."""
+    import dagster as dg
+    import duckdb
+    from dagster_duckdb import DuckDBResource
+
+    from emopipe.db import CONNECTION_CONFIG
+
+    monkeypatch.setenv("EMOPIPE_DATA_DIR", str(tmp_path / "data"))
+    from emopipe.definitions import ASSETS, CHECKS
+
+    db = tmp_path / "data" / "emopipe.duckdb"
+    result = dg.materialize([*ASSETS, *CHECKS], selection=["*trained_model"], partition_key="wiring_tuned",
+                            resources={"duckdb": DuckDBResource(database=str(db), connection_config=CONNECTION_CONFIG),
+                                       "io_manager": dg.FilesystemIOManager(base_dir=str(tmp_path / "io"))},
+                            instance=dg.DagsterInstance.ephemeral())
+    assert result.success
+    tuned, trained = result.output_for_node("tuned_hyperparams"), result.output_for_node("trained_model")
+    with duckdb.connect(str(db), read_only=True) as conn:
+        [(hyperparameters, history)] = conn.execute("SELECT hyperparameters, history FROM models").fetchall()
+    assert json.loads(hyperparameters)["lr"] == tuned["best_config"]["lr"]
+    assert json.loads(hyperparameters)["tuned_weights_sha256"] == sha256_file(tuned["best_checkpoint"])
+    assert [h["lr"] for h in json.loads(history)] == [h["lr"] for h in tuned["best_history"]]
+    assert trained["model_id"] == sha256_file(trained["checkpoint_path"])

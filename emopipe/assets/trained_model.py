@@ -1,6 +1,7 @@
 """trained_model: a model trained on the split's train part, early-stopped on val, checkpoint named by sha256."""
 
 import dataclasses
+from pathlib import Path
 
 import dagster as dg
 from dagster_duckdb import DuckDBResource
@@ -9,7 +10,7 @@ from emopipe.assets.common import (
     ARRAY_ASSETS, CATALOG, CODE_VERSION, database, experiment, experiment_partitions, table_metadata, png_markdown, user_errors, versioned_output,
 )
 from emopipe.core.trained_model.distributed import train_distributed, world_size
-from emopipe.core.trained_model import load_training_data, record_model, train_model
+from emopipe.core.trained_model import adopt_tuned_weights, load_training_data, record_model, train_model
 from emopipe.paths import data_dir
 
 @dg.asset(
@@ -30,15 +31,20 @@ from emopipe.paths import data_dir
 )
 def trained_model(context: dg.AssetExecutionContext, duckdb: DuckDBResource, splits: dict, tuned_hyperparams: dict) -> dg.Output[dict]:
     exp = experiment(context)
+    tuned = tuned_hyperparams.get("best_checkpoint")
     if tuned_hyperparams["best_config"]:
         # The tuned values become part of the spec: of the run key, the checkpoint and the models row.
         exp = dataclasses.replace(exp, **tuned_hyperparams["best_config"])
-        context.log.info(f"training with the tuned hyperparameters {tuned_hyperparams['best_config']}")
     db = database(duckdb)
     with user_errors():
         data = training_data(db, exp, splits["split_id"])
-        train = train_distributed if world_size(exp) > 1 else train_model  # gpus x nodes > 1: torchrun subprocess
-        result = train(exp, data, split_id=splits["split_id"], work_dir=data_dir() / "models", log=context.log.info)
+        if tuned:  # the model PBT found is the model: its best trial's weights, not a retraining
+            context.log.info(f"taking the best PBT trial's weights ({tuned_hyperparams['best_config']})")
+            result = adopt_tuned_weights(exp, data, weights=Path(tuned), history=tuned_hyperparams["best_history"],
+                                         split_id=splits["split_id"], work_dir=data_dir() / "models", log=context.log.info)
+        else:
+            train = train_distributed if world_size(exp) > 1 else train_model  # gpus x nodes > 1: several processes
+            result = train(exp, data, split_id=splits["split_id"], work_dir=data_dir() / "models", log=context.log.info)
     # A split's id is its fingerprint (sha256 over its sorted (image_id, part) rows).
     record_model(db, result, exp, splits["split_id"], split_fingerprint=splits["split_id"])
     history = [[h["epoch"], *(_rounded(h.get(k)) for k in ("train_loss", "train_metric", "val_loss", "val_metric"))]

@@ -1,5 +1,5 @@
 """tuned_hyperparams: population-based training (Ray Tune) of lr, weight_decay and batch_size, when the
-experiment sets `tune`; its best config is what trained_model trains with."""
+experiment sets `tune`; trained_model takes its best trial's final weights (the model PBT found) and values."""
 
 import dagster as dg
 from dagster_duckdb import DuckDBResource
@@ -45,4 +45,6 @@ def tuned_hyperparams(context: dg.AssetExecutionContext, duckdb: DuckDBResource,
         "trials": table_metadata(["trial", "lr (final)", "weight_decay", "batch_size", f"val {result.metric}"], trials),
     }
     version = "-".join(f"{k}={v}" for k, v in sorted(result.best_config.items()))
-    return versioned_output({"best_config": result.best_config}, metadata, version)
+    best = next(t for t in result.trials if t["trial_id"] == result.best_trial)
+    handle = {"best_config": result.best_config, "best_checkpoint": result.best_checkpoint, "best_history": best["history"]}
+    return versioned_output(handle, metadata, version)

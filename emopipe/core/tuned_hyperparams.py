@@ -52,6 +52,8 @@ class TuneResult:
     metric: str  # "accuracy" (higher is better) or "mse"
     trials: list[dict]  # per trial: trial_id, config (final), val_metric, history (one dict per epoch)
     perturbations: int  # exploit/explore steps PBT made
+    best_trial: str = ""  # its trial_id
+    best_checkpoint: str = ""  # the best trial's final weights (its state file, kept beside result.json)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -159,8 +161,9 @@ def tune_hyperparameters(experiment: ExperimentSpec, data: TrainingData, *, work
             ray.shutdown()
         if ray_temp_is_ours:
             shutil.rmtree(ray_temp, ignore_errors=True)
-    trials = []
+    trials, results = [], {}
     for r in grid:
+        results[r.metrics["trial_id"]] = r
         history = [{k: _plain(v) for k, v in row.items() if k in HISTORY_KEYS} for row in r.metrics_dataframe.to_dict("records")]
         trials.append({"trial_id": r.metrics["trial_id"], "config": _config(r.config), "val_metric": float(r.metrics["val_metric"]),
                        "history": history})
@@ -169,14 +172,20 @@ def tune_hyperparameters(experiment: ExperimentSpec, data: TrainingData, *, work
     perturbations = int(getattr(scheduler, "_num_perturbations", 0))
     log(f"{experiment.name}: PBT best val {metric_name} {best['val_metric']:.4f} with {best['config']} "
         f"({perturbations} perturbations)")
-    result = TuneResult(best_config=best["config"], best_val=float(best["val_metric"]), metric=metric_name,
-                        trials=trials, perturbations=perturbations)
     result_file.parent.mkdir(parents=True, exist_ok=True)
+    best_checkpoint = result_file.parent / "best.pt"
+    with results[best["trial_id"]].checkpoint.as_directory() as folder:  # its last report carried a checkpoint
+        state = (Path(folder) / "state.pt").read_bytes()
+    atomic_write(best_checkpoint, lambda f: f.write(state))
+    result = TuneResult(best_config=best["config"], best_val=float(best["val_metric"]), metric=metric_name,
+                        trials=trials, perturbations=perturbations, best_trial=best["trial_id"],
+                        best_checkpoint=str(best_checkpoint))
     atomic_write(result_file, lambda f: f.write(result.to_json().encode()))
     return result
 
 
-HISTORY_KEYS = ("epoch", "lr", "weight_decay", "batch_size", "train_loss", "val_loss", "val_metric", "restored_from")
+HISTORY_KEYS = ("epoch", "lr", "weight_decay", "batch_size", "train_loss", "train_metric", "val_loss", "val_metric",
+                "restored_from")
 
 
 def _config(config: dict) -> dict:
@@ -245,13 +254,14 @@ def _trial(config: dict, *, experiment: ExperimentSpec, data: TrainingData, feat
     while epoch < experiment.tune.epochs:
         epoch += 1
         trainable.train()
-        loss_sum, _, n_seen = train_epoch(step, setup.train_source, pipeline,
+        loss_sum, metric_sum, n_seen = train_epoch(step, setup.train_source, pipeline,
                                           torch.randperm(len(setup.train_source), generator=shuffle),
                                           exp.batch_size, augment=exp.augment and not probe, task=exp.task)
         val_loss, val_metric = evaluate(trainable, setup.val_source, pipeline, setup.val_loss, exp.task, device,
                                         2 * exp.batch_size)
         metrics = {"epoch": epoch, "lr": exp.lr, "weight_decay": exp.weight_decay, "batch_size": exp.batch_size,
-                   "train_loss": loss_sum.item() / max(n_seen, 1), "val_loss": val_loss, "val_metric": val_metric,
+                   "train_loss": loss_sum.item() / max(n_seen, 1), "train_metric": metric_sum.item() / max(n_seen, 1),
+                   "val_loss": val_loss, "val_metric": val_metric,
                    "restored_from": restored_from}
         if epoch % interval == 0 or epoch == experiment.tune.epochs:
             with tempfile.TemporaryDirectory() as folder:

@@ -16,11 +16,12 @@ from emopipe.core.trained_model.data import Log, TrainingData, TrainingError, ch
 from emopipe.core.trained_model.features import cached_features, extract_features
 from emopipe.core.trained_model.loop import evaluate, make_optimizer, train_epoch
 from emopipe.core.trained_model.network import build_net, make_head, make_loss
-from emopipe.core.trained_model.run import TrainResult, finished_result, run_directory, train_model, training_hyperparameters
+from emopipe.core.trained_model.run import (TrainResult, adopt_tuned_weights, finished_result, run_directory, train_model,
+                                           training_hyperparameters)
 from emopipe.core.trained_model.setup import Setup, setup_training
 
 __all__ = [
-    "CHECKPOINT_FORMAT", "Log", "Setup", "TrainResult", "TrainingData", "TrainingError", "build_net", "cached_features",
+    "CHECKPOINT_FORMAT", "Log", "Setup", "TrainResult", "TrainingData", "TrainingError", "adopt_tuned_weights", "build_net", "cached_features",
     "check_data", "checkpoint_info", "evaluate", "experiment_from_dict", "extract_features", "finished_result",
     "load_checkpoint", "load_training_data", "make_head", "make_loss", "make_optimizer", "predict", "record_model",
     "run_directory", "setup_training", "spec_dict", "train_epoch", "train_model", "training_hyperparameters",

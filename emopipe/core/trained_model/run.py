@@ -129,8 +129,31 @@ def train_model(experiment: ExperimentSpec, data: TrainingData, *, split_id: str
                     on_epoch_end, Path(feature_cache) if feature_cache else data_dir() / "features", ranks).train()
 
 
+def adopt_tuned_weights(experiment: ExperimentSpec, data: TrainingData, *, weights: Path, history: list[dict],
+                        split_id: str, work_dir: Path, log: Log = print, device: str | torch.device | None = None,
+                        feature_cache: Path | None = None) -> TrainResult:
+    """The model population-based training found, as an ordinary emopipe checkpoint: the best trial's final
+    weights (`weights`, the trial's state file) loaded into the network setup_training builds (the same as
+    the trial's), validated once more, saved and returned like a trained run; `history` is the trial's,
+    epoch by epoch with the hyperparameters PBT gave it. `experiment` carries the trial's final values.
+    Not trained again: a retraining under another schedule would not be the model PBT selected."""
+    check_data(experiment, data)
+    run_dir, hyperparameters = run_directory(experiment, data, split_id, Path(work_dir))
+    hyperparameters = {**hyperparameters, "tuned_weights_sha256": sha256_file(weights)}
+    run_dir = run_dir.with_name(params_hash({"run": run_dir.name, **hyperparameters}))
+    finished = finished_result(run_dir)
+    if finished is not None:
+        log(f"{experiment.name}: tuned model already saved (run {run_dir.name}): model {finished.model_id}")
+        return finished
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = pick_device(device, log)
+    with deterministic(device):
+        return _Run(experiment, data, split_id, run_dir, Path(work_dir), hyperparameters, device, log, None,
+                    Path(feature_cache) if feature_cache else data_dir() / "features", Ranks()).adopt(weights, history)
+
+
 class _Run:
-    """One training run's state; train() drives it epoch by epoch."""
+    """One training run's state; train() drives it epoch by epoch, adopt() takes a PBT trial's weights."""
 
     def __init__(self, experiment, data, split_id, run_dir, work_dir, hyperparameters, device, log,
                  on_epoch_end, feature_cache, ranks: Ranks):
@@ -216,6 +239,16 @@ class _Run:
                                   images_trained / seconds if seconds else 0.0)
         ranks.barrier()  # rank 0 has written result.json
         return result if ranks.main else finished_result(self.run_dir)
+
+    def adopt(self, weights: Path, history: list[dict]) -> TrainResult:
+        setup = setup_training(self.exp, self.data, device=self.device, log=self.log, feature_cache=self.feature_cache)
+        self.net, self.norm = setup.net, setup.norm
+        setup.trainable.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True)["model"])
+        val_loss, val_metric = evaluate(setup.trainable, setup.val_source, setup.pipeline, setup.val_loss, self.exp.task,
+                                        self.device, 2 * self.exp.batch_size)
+        self.log(f"{self.exp.name}: the best PBT trial's weights: val loss {val_loss:.4f} {self.metric} {val_metric:.4f}")
+        history = [*history[:-1], {**history[-1], "val_loss": val_loss, "val_metric": val_metric}]
+        return self._finish(history, len(history), 0, time.perf_counter() - self.started, 0.0)
 
     def _resume(self, trainable, optimizer, scheduler, shuffle, pipeline) -> dict:
         last = self.run_dir / "last.pt"
