@@ -13,9 +13,10 @@ from PIL import Image, ImageDraw, ImageFont
 from emopipe.catalog import TextThresholds
 from emopipe.core.filtered_images import MissingTextScores, filter_images, kept_image_ids
 from emopipe.core.synthetic import render, synthetic_listing
+from emopipe.core.text_detection_quality import text_quality
 from emopipe.core.text_scores import (
     DEFAULT_OCR_SIZE, OcrOutput, decide, detector_precision, load_for_ocr, make_reader, ocr_engine, score_params,
-    score_text, text_quality,
+    score_text,
 )
 from emopipe.db import Database
 from emopipe_tests.conftest import encode

@@ -12,7 +12,6 @@ from emopipe.core.evaluation import (
 from emopipe.core.images import load_array
 from emopipe.core.raw_images import attribute_matrix
 from emopipe.core.verify import verify
-from emopipe.core.trained_model import load_checkpoint, predict
 from emopipe.fingerprint import sha256_file
 from emopipe.paths import data_dir, objects_dir
 
@@ -33,6 +32,8 @@ from emopipe.paths import data_dir, objects_dir
     ),
 )
 def evaluation(context: dg.AssetExecutionContext, duckdb: DuckDBResource, trained_model: dict) -> dg.Output[dict]:
+    from emopipe.core.trained_model import load_checkpoint, predict  # torch and timm: only in this step
+
     exp = experiment(context)
     db = database(duckdb)
     checkpoint = trained_model["checkpoint_path"]

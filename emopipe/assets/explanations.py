@@ -5,9 +5,7 @@ from dagster_duckdb import DuckDBResource
 
 from emopipe.assets.common import ARRAY_ASSETS, CODE_VERSION, database, experiment, experiment_partitions, png_markdown, versioned_output
 from emopipe.core.evaluation import evaluated_images
-from emopipe.core.explanations import caption, explain, overlay_png, select_samples
 from emopipe.core.images import load_array
-from emopipe.core.trained_model import load_checkpoint, predict
 from emopipe.paths import data_dir
 
 
@@ -28,6 +26,10 @@ def explanations(context: dg.AssetExecutionContext, duckdb: DuckDBResource, trai
     exp = experiment(context)
     if exp.task != "classification" or exp.explain_per_class == 0:
         return versioned_output({"images": []}, {"explained": 0}, "none")
+    # torch, timm and captum: only in this step
+    from emopipe.core.explanations import caption, explain, overlay_png, select_samples
+    from emopipe.core.trained_model import load_checkpoint, predict
+
     db = database(duckdb)
     model, info = load_checkpoint(trained_model["checkpoint_path"])
     classes = info["classes"]

@@ -8,7 +8,7 @@ from dagster_duckdb import DuckDBResource
 from emopipe.assets.common import (
     CATALOG, CODE_VERSION, database, experiment, experiment_partitions, table_metadata, recorded_metadata, user_errors, versioned_output,
 )
-from emopipe.core.text_scores import score_text, text_quality
+from emopipe.core.text_detection_quality import text_quality
 from emopipe.paths import data_dir, objects_dir
 
 MIN_PRECISION = MIN_RECALL = 0.95
@@ -37,6 +37,8 @@ def text_scores(context: dg.AssetExecutionContext, duckdb: DuckDBResource, raw_i
         context.log.info(f"{exp.name} sets text_filter: false; no OCR needed")
         return versioned_output({"dataset": exp.dataset, "text_filter": False, "params_hash": None, "params": None},
                                 {"text_filter": False}, "no-filter")
+    from emopipe.core.text_scores import score_text  # EasyOCR and torch: only in the step that OCRs
+
     db = database(duckdb)
     thresholds = CATALOG.thresholds(exp)
     with db.connect() as conn:

@@ -9,8 +9,6 @@ from dagster_duckdb import DuckDBResource
 from emopipe.assets.common import (
     ARRAY_ASSETS, CATALOG, CODE_VERSION, database, experiment, experiment_partitions, table_metadata, png_markdown, user_errors, versioned_output,
 )
-from emopipe.core.trained_model.distributed import train_distributed, world_size
-from emopipe.core.trained_model import adopt_tuned_weights, load_training_data, record_model, train_model
 from emopipe.paths import data_dir
 
 @dg.asset(
@@ -30,6 +28,10 @@ from emopipe.paths import data_dir
     ),
 )
 def trained_model(context: dg.AssetExecutionContext, duckdb: DuckDBResource, splits: dict, tuned_hyperparams: dict) -> dg.Output[dict]:
+    # torch and timm: only in the steps that train
+    from emopipe.core.trained_model import adopt_tuned_weights, record_model, train_model
+    from emopipe.core.trained_model.distributed import train_distributed, world_size
+
     exp = experiment(context)
     tuned = tuned_hyperparams.get("best_checkpoint")
     if tuned_hyperparams["best_config"]:
@@ -74,6 +76,7 @@ def trained_model(context: dg.AssetExecutionContext, duckdb: DuckDBResource, spl
 
 def training_data(db, exp, split_id: str):
     """The split's train/val arrays and targets, in the dataset's declared class order when it has one."""
+    from emopipe.core.trained_model import load_training_data
     classes = CATALOG.dataset(exp.dataset).classes
     return load_training_data(db, split_id, exp, classes=list(classes) if classes else None)
 
