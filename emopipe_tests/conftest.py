@@ -22,7 +22,7 @@ datasets:
     n_per_class: 6
     seed: 7
 experiments:
-  wiring:
+  wiring: &wiring
     dataset: wiring
     image_size: 32
     text_filter: false
@@ -33,14 +33,7 @@ experiments:
     batch_size: 8
     explain_per_class: 1
   wiring_tuned:
-    dataset: wiring
-    image_size: 32
-    text_filter: false
-    split: 50/25/25
-    model: resnet10t
-    pretrained: none
-    epochs: 2
-    batch_size: 8
+    <<: *wiring
     explain_per_class: 0
     tune: {population: 2, perturbation_interval: 1, epochs: 2}
 """

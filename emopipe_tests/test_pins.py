@@ -1,8 +1,9 @@
 """Behaviour that refactoring must not change, pinned: split ids (DuckDB SQL over md5 ranks: the same on
 every machine) and the checkpoint bytes of a few deterministic CPU trainings and of the demo.
 
-Checkpoint bytes depend on the CPU's vector instructions (the kernels sum in a different order), so
-model ids are pinned per CPU kind; on a kind with no pins the test skips and prints the ids to pin."""
+Checkpoint bytes depend on the CPU's vector instructions and on the number of threads (both change the
+order the kernels sum in), so the trainings here run on one thread and model ids are pinned per CPU kind
+(the demo's per CPU kind and core count); where nothing is pinned the test skips and prints the ids."""
 
 import hashlib
 import json
@@ -15,6 +16,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 
 from emopipe.catalog import ExperimentSpec
 from emopipe.core.splits import assign_parts, parse_scheme
@@ -29,13 +31,13 @@ SPLIT_IDS = {  # (scheme, seed, with near-duplicate groups) -> split id, as the 
 }
 MODEL_IDS = {  # CPU kind -> training -> model id
     "avx512_bf16": {
-        "finetune": "d4a994d7b8a5a51ed43f72e20da42ad51481e86a3f97b9524a2e052e80d6b525",
+        "finetune": "c7a37b56012e52f34ce5631e01d2e8acf966c7eed62f0b5fd81c78d9c2d7e818",
         "probe": "26315d65da8ec332ef513324fedade4b6e18133e52ad71214cb28a720aa59645",
-        "regression": "c71e8ad7e1649ddebb5a8b3c98a765b8544e3f136461c6880d428b4fa5dda979",
+        "regression": "d30a78377a1a53a6011ac138e5c5b180674e6812d88a2148d5b6cf6a8472d451",
     },
 }
 DEMO_SPLIT_ID = "3ccc1f77dbf5f2f720303b994051c45435c44a5fc7494350f1c07625cb2ed480"
-DEMO_MODEL_IDS = {"avx512_bf16": "eec9e9198b9c66e0d4ec78421191494aa05a46ab649b9d36253feaaf80c9ed15"}
+DEMO_MODEL_IDS = {"avx512_bf16, 2 cores": "eec9e9198b9c66e0d4ec78421191494aa05a46ab649b9d36253feaaf80c9ed15"}
 
 
 def cpu_kind() -> str:
@@ -74,16 +76,26 @@ TRAININGS = {
 
 
 def test_checkpoint_bytes_stay_what_they_were(tmp_path, data_dir):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the pins' thread count, whatever another test module set
+    try:
+        found = _train_all(tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+    pinned = MODEL_IDS.get(cpu_kind())
+    if pinned is None:
+        pytest.skip(f"no model ids pinned for CPU kind {cpu_kind()}; this machine gives {json.dumps(found)}")
+    assert found == pinned
+
+
+def _train_all(tmp_path) -> dict[str, str]:
     found = {}
     for name, keys in TRAININGS.items():
         exp = ExperimentSpec(name=f"pin_{name}", dataset="d", image_size=32, epochs=3, batch_size=8, **keys)
         result = train_model(exp, _data(keys.get("task", "classification")), split_id="s", work_dir=tmp_path / name,
                              log=lambda _: None, device="cpu", feature_cache=tmp_path / "features")
         found[name] = result.model_id
-    pinned = MODEL_IDS.get(cpu_kind())
-    if pinned is None:
-        pytest.skip(f"no model ids pinned for CPU kind {cpu_kind()}; this machine gives {json.dumps(found)}")
-    assert found == pinned
+    return found
 
 
 @pytest.mark.slow
@@ -96,7 +108,8 @@ def test_the_demo_gives_the_same_split_and_model(tmp_path):
     with duckdb.connect(str(tmp_path / "data" / "emopipe.duckdb"), read_only=True) as conn:
         [(model_id, split_id)] = conn.execute("SELECT model_id, split_id FROM models WHERE experiment = 'demo'").fetchall()
     assert split_id == DEMO_SPLIT_ID
-    pinned = DEMO_MODEL_IDS.get(cpu_kind())
+    machine = f"{cpu_kind()}, {len(os.sched_getaffinity(0))} cores"
+    pinned = DEMO_MODEL_IDS.get(machine)
     if pinned is None:
-        pytest.skip(f"no demo model id pinned for CPU kind {cpu_kind()}; this machine gives {model_id}")
+        pytest.skip(f"no demo model id pinned for {machine}; this machine gives {model_id}")
     assert model_id == pinned

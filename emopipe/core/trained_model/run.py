@@ -115,18 +115,9 @@ def train_model(experiment: ExperimentSpec, data: TrainingData, *, split_id: str
     """
     check_data(experiment, data)
     ranks = ranks or Ranks()
-    work_dir = Path(work_dir)
-    run_dir, hyperparameters = run_directory(experiment, data, split_id, work_dir, ranks.world_size)
-    finished = finished_result(run_dir)
-    if finished is not None:
-        log(f"{experiment.name}: already trained (run {run_dir.name}): model {finished.model_id}")
-        return finished
-    run_dir.mkdir(parents=True, exist_ok=True)
-    device = pick_device(device, log)
-    configure_cuda(device)
-    with deterministic(device):
-        return _Run(experiment, data, split_id, run_dir, work_dir, hyperparameters, device, log,
-                    on_epoch_end, Path(feature_cache) if feature_cache else data_dir() / "features", ranks).train()
+    run_dir, hyperparameters = run_directory(experiment, data, split_id, Path(work_dir), ranks.world_size)
+    return _finished_or_run(experiment, data, split_id, run_dir, Path(work_dir), hyperparameters, device, log,
+                            feature_cache, ranks, on_epoch_end, "already trained", lambda run: run.train())
 
 
 def adopt_tuned_weights(experiment: ExperimentSpec, data: TrainingData, *, weights: Path, history: list[dict],
@@ -141,15 +132,23 @@ def adopt_tuned_weights(experiment: ExperimentSpec, data: TrainingData, *, weigh
     run_dir, hyperparameters = run_directory(experiment, data, split_id, Path(work_dir))
     hyperparameters = {**hyperparameters, "tuned_weights_sha256": sha256_file(weights)}
     run_dir = run_dir.with_name(params_hash({"run": run_dir.name, **hyperparameters}))
+    return _finished_or_run(experiment, data, split_id, run_dir, Path(work_dir), hyperparameters, device, log,
+                            feature_cache, Ranks(), None, "tuned model already saved", lambda run: run.adopt(weights, history))
+
+
+def _finished_or_run(experiment, data, split_id, run_dir: Path, work_dir: Path, hyperparameters: dict, device, log: Log,
+                     feature_cache, ranks: Ranks, on_epoch_end, done: str, go: Callable[["_Run"], TrainResult]) -> TrainResult:
+    """The finished run in run_dir, or go(a new _Run) on the picked device with deterministic CPU kernels."""
     finished = finished_result(run_dir)
     if finished is not None:
-        log(f"{experiment.name}: tuned model already saved (run {run_dir.name}): model {finished.model_id}")
+        log(f"{experiment.name}: {done} (run {run_dir.name}): model {finished.model_id}")
         return finished
     run_dir.mkdir(parents=True, exist_ok=True)
     device = pick_device(device, log)
+    configure_cuda(device)
     with deterministic(device):
-        return _Run(experiment, data, split_id, run_dir, Path(work_dir), hyperparameters, device, log, None,
-                    Path(feature_cache) if feature_cache else data_dir() / "features", Ranks()).adopt(weights, history)
+        return go(_Run(experiment, data, split_id, run_dir, work_dir, hyperparameters, device, log, on_epoch_end,
+                       Path(feature_cache) if feature_cache else data_dir() / "features", ranks))
 
 
 class _Run:
