@@ -2,6 +2,7 @@
 
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -96,6 +97,25 @@ def test_reingest_stores_nothing_new_and_follows_the_listing(db, data_dir, photo
         assert conn.execute("SELECT count(*) FROM images WHERE image_id = ?", [removed_id]).fetchone()[0] == 0
         assert conn.execute("SELECT count(*) FROM rejected WHERE reason = 'zero_bytes'").fetchone()[0] == 0
     assert object_path(removed_id, data_dir / "objects").exists()  # bytes kept: older splits stay verifiable
+
+
+def test_a_copy_listed_first_gives_way_to_the_smaller_path_in_the_same_batch(db, data_dir, tmp_path, photo_jpegs):
+    """The manifest lists z.jpg before a.jpg (same bytes, other label): the stored row must be a.jpg's,
+    on every run, though both rows meet in one write batch."""
+    root = tmp_path / "copies"
+    root.mkdir()
+    for name in ("z.jpg", "a.jpg"):
+        (root / name).write_bytes(photo_jpegs["astronaut"])
+    (root / "labels.csv").write_text("path,label\nz.jpg,happy\na.jpg,sad\n")
+    spec = DatasetSpec(name="copies", source="folder", path=str(root), labels=str(root / "labels.csv"))
+    kwargs = dict(objects_root=data_dir / "objects", work_dir=data_dir / "sources", log=lambda m: None)
+    results = [ingest_dataset(db, spec, **kwargs) for _ in range(2)]
+    with db.connect() as conn:
+        stored = conn.execute("SELECT source_uri, label FROM images WHERE dataset = 'copies'").fetchall()
+        kept = conn.execute("SELECT kept_source_uri, source_uri FROM duplicates WHERE dataset = 'copies'").fetchall()
+    assert [(Path(uri).name, label) for uri, label in stored] == [("a.jpg", "sad")]
+    assert [(Path(k).name, Path(d).name) for k, d in kept] == [("a.jpg", "z.jpg")]
+    assert results[0].fingerprint == results[1].fingerprint == dataset_fingerprint(db, "copies")
 
 
 def test_class_map_and_classes(db, data_dir, photo_folder):

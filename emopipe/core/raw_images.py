@@ -224,7 +224,8 @@ def _store_fetched(db: Database, spec: DatasetSpec, to_fetch: list[SourceItem], 
     remove_stale_downloads(incoming)
     fetched_items = fetch_items(to_fetch, workers=workers, max_bytes=spec.max_image_bytes, incoming=incoming,
                                 spec=spec, work_dir=work_dir)
-    duplicates, pending = [], []
+    duplicates = []
+    pending: dict[str, tuple] = {}  # by image_id: one statement must not upsert a key twice (DuckDB keeps the first)
     with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
         for fetched, ok, rej in bounded_map(pool, accept, fetched_items, in_flight=64):
             item = fetched.item
@@ -244,12 +245,12 @@ def _store_fetched(db: Database, spec: DatasetSpec, to_fetch: list[SourceItem], 
                     continue
                 duplicates.append((first_uri, image_id, first_label))
             kept[image_id] = (item.uri, label)
-            pending.append(row)
+            pending[image_id] = row
             if len(pending) >= BATCH:
-                _write_images(db, pending)
+                _write_images(db, list(pending.values()))
                 log(f"{spec.name}: {len(kept)} images stored, {len(rejected)} rejected so far")
-                pending = []
-    _write_images(db, pending)
+                pending = {}
+    _write_images(db, list(pending.values()))
     return duplicates
 
 
