@@ -76,6 +76,7 @@ class DatasetSpec:
     class_map: dict[str, str] = field(default_factory=dict)  # raw label -> class ('*' = every other)
     split_column: str = "split"  # attribute holding the official part (train/val/test)
     max_image_bytes: int = 64 << 20  # one image file or download larger than this is rejected as too_large
+    retry_failed_urls: bool = False  # url_list: download again the URLs that failed for good last time
     n_per_class: int = 100  # synthetic only
     seed: int = 0  # synthetic only
     text_thresholds: TextThresholds | None = None
@@ -327,6 +328,7 @@ def _dataset(name: str, entry: dict, file: Path) -> DatasetSpec:
         class_map=e.str_map("class_map"),
         split_column=e.get("split_column", str, "split"),
         max_image_bytes=e.get("max_image_bytes", int, DatasetSpec.max_image_bytes),
+        retry_failed_urls=e.get("retry_failed_urls", bool, False),
         n_per_class=e.get("n_per_class", int, 100),
         seed=e.get("seed", int, 0),
         text_thresholds=e.thresholds(),

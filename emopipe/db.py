@@ -42,6 +42,14 @@ CREATE TABLE IF NOT EXISTS duplicates (
     kept_source_uri VARCHAR, label_conflict BOOLEAN,
     PRIMARY KEY (dataset, source_uri)
 );
+CREATE TABLE IF NOT EXISTS source_entries (  -- what each entry was when last read (core/source_entries.py)
+    dataset VARCHAR NOT NULL, source_uri VARCHAR NOT NULL,
+    size BIGINT, mtime_ns BIGINT,       -- a local file's stat before it was read; NULL for a URL
+    image_id VARCHAR, width INTEGER, height INTEGER, format VARCHAR, n_bytes BIGINT,  -- an image ...
+    reason VARCHAR, detail VARCHAR,     -- ... or why it was rejected
+    read_at TIMESTAMP DEFAULT current_timestamp,
+    PRIMARY KEY (dataset, source_uri)
+);
 CREATE TABLE IF NOT EXISTS resized (
     image_id VARCHAR NOT NULL, size INTEGER NOT NULL, method VARCHAR NOT NULL,
     shard VARCHAR NOT NULL, row INTEGER NOT NULL,     -- row of the packed uint8 array in shard

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from emopipe.db import Database
+from emopipe_tests.http_server import Server
 
 # Experiments small enough to materialize in this process with dg.materialize. The asset modules read
 # the catalog once, when they are first imported, so it is set here, before any test module imports them;
@@ -41,6 +42,14 @@ if "EMOPIPE_CATALOG" not in os.environ:
     _catalog = Path(tempfile.mkdtemp(prefix="emopipe-test-catalog-")) / "catalog.yaml"
     _catalog.write_text(WIRING_CATALOG)
     os.environ["EMOPIPE_CATALOG"] = str(_catalog)
+
+
+@pytest.fixture
+def server():
+    """A real HTTP server on 127.0.0.1 (emopipe_tests/http_server.py), closed after the test."""
+    s = Server()
+    yield s
+    s.close()
 
 
 @pytest.fixture

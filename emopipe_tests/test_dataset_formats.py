@@ -17,16 +17,9 @@ from emopipe.catalog import DataFile, DatasetSpec, load_catalog
 from emopipe.core.sources.webemo import WEBEMO_HIERARCHY, webemo_class_map
 from emopipe.core.raw_images import ingest_dataset
 from emopipe.core.sources import REJECT_REASON, SourceError, fetch_items, list_items
-from emopipe_tests.test_sources import Server, in_memory
+from emopipe_tests.test_sources import in_memory
 
 MIKELS_LABEL2IDX = {"amusement": 0, "awe": 1, "contentment": 2, "excitement": 3, "anger": 4, "disgust": 5, "fear": 6, "sadness": 7}
-
-
-@pytest.fixture
-def server():
-    s = Server()
-    yield s
-    s.close()
 
 
 def write(path: Path, data: bytes) -> Path:

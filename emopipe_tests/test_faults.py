@@ -26,17 +26,10 @@ from emopipe.core.raw_images import Rejected, ingest_dataset, inspect_image
 from emopipe.core.sources import SourceItem, fetch_items
 from emopipe.core.verify import verify
 from emopipe.paths import object_path
-from emopipe_tests.test_sources import Server, make_tar
+from emopipe_tests.test_sources import make_tar
 from emopipe_tests.test_trace import EXPERIMENT, lineage  # noqa: F401 (the fixture)
 
 PROJECT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def server():
-    s = Server()
-    yield s
-    s.close()
 
 
 def _ingest(db, spec, data_dir):

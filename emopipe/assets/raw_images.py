@@ -39,7 +39,7 @@ def raw_images(context: dg.AssetExecutionContext, duckdb: DuckDBResource) -> dg.
                 f"{result.n_inputs} inputs, rejected by reason {result.rejected_by_reason}"
             )
         handle[name] = {"fingerprint": result.fingerprint, "n_images": result.n_images}
-        rows.append([name, spec.source, result.n_inputs, result.n_images, result.n_new, result.n_rejected, result.n_duplicates,
+        rows.append([name, spec.source, result.n_inputs, result.n_known, result.n_images, result.n_new, result.n_rejected, result.n_duplicates,
                      result.n_label_conflicts, json.dumps(result.rejected_by_reason), result.fingerprint[:16]])
         if result.conflicts:
             context.log.warning(f"{name}: {result.n_label_conflicts} label conflicts, e.g. " + "; ".join(result.conflicts[:3]))
@@ -47,7 +47,7 @@ def raw_images(context: dg.AssetExecutionContext, duckdb: DuckDBResource) -> dg.
     sample = preview_sample(db, exp.dataset, k=16)
     metadata.update({
         "accounting": table_metadata(
-            ["dataset", "source", "inputs", "images", "new bytes stored", "rejected", "duplicates", "label conflicts", "rejected by reason", "fingerprint"], rows),
+            ["dataset", "source", "inputs", "unchanged (not read)", "images", "new bytes stored", "rejected", "duplicates", "label conflicts", "rejected by reason", "fingerprint"], rows),
         "n_images": sum(h["n_images"] for h in handle.values()),
         "fingerprint": rows_fingerprint((n, h["fingerprint"]) for n, h in handle.items()),
         "preview": png_markdown(grid_png(thumbnails([i for i, _ in sample]), [label for _, label in sample]), f"{exp.dataset} sample"),

@@ -3,13 +3,14 @@
 
 The `images`, `rejected` and `duplicates` rows of a dataset mirror its current listing: a file that
 left the listing leaves the tables (its bytes stay in the object store, so older splits remain
-verifiable). Rows are committed in batches, so a killed run keeps what it stored, and a url_list
-re-run downloads only the URLs that are not already images.
+verifiable). Rows are committed in batches, so a killed run keeps what it stored. A re-run reads only
+the files that are new or changed and downloads only the URLs it does not know (core/source_entries.py).
 """
 
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import re
@@ -18,7 +19,7 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -27,7 +28,8 @@ from PIL import Image
 from emopipe.atomic import atomic_write
 from emopipe.catalog import DatasetSpec
 from emopipe.concurrency import bounded_map
-from emopipe.core.download import is_http_url, remove_stale_downloads
+from emopipe.core.download import remove_stale_downloads
+from emopipe.core.source_entries import Outcome, SourceEntries, forget_unlisted, write_entries
 from emopipe.core.sources import REJECT_DETAIL, REJECT_REASON, Fetched, SourceItem, fetch_items, list_items
 from emopipe.db import Database
 from emopipe.errors import UserError
@@ -128,7 +130,7 @@ class IngestResult:
     n_inputs: int = 0
     n_images: int = 0  # accepted in this listing (new + already ingested)
     n_new: int = 0  # images whose bytes entered the store in this run
-    n_known: int = 0  # url_list items already ingested by an earlier run (not downloaded again)
+    n_known: int = 0  # entries unchanged since an earlier run read them (not read again; core/source_entries.py)
     n_rejected: int = 0
     n_duplicates: int = 0
     n_label_conflicts: int = 0
@@ -158,17 +160,23 @@ def ingest_dataset(
     items = list_items(spec, work_dir)
     result.n_inputs = len(items)
     with db.connect() as conn:
-        known_rows = conn.execute(
-            "SELECT source_uri, image_id, label FROM images WHERE dataset = ?", [spec.name]
-        ).fetchall()
-    by_uri = {uri: (image_id, label) for uri, image_id, label in known_rows}
-    kept: dict[str, tuple[str, str]] = {}  # image_id -> (source_uri, label) of the first copy
+        entries = SourceEntries.load(conn, spec.name, objects_root, spec.retry_failed_urls)
     rejected: list[tuple] = []
-    to_fetch = _sort_listing(items, spec, by_uri, kept, rejected, result)
-    duplicates = _store_fetched(db, spec, to_fetch, kept, rejected, result, objects_root=objects_root,
-                                work_dir=work_dir, workers=workers, log=log)
+    known, to_fetch = [], []
+    for item in _listed_candidates(items, spec, rejected):
+        outcome = entries.known(item)
+        if outcome is None:
+            to_fetch.append(item)
+        else:
+            known.append((item, outcome, False))
+    result.n_known = len(known)
+    kept: dict[str, tuple[str, str]] = {}  # image_id -> (source_uri, label) of the first copy
+    outcomes = itertools.chain(known, _read_outcomes(to_fetch, spec, objects_root=objects_root, work_dir=work_dir,
+                                                                 workers=workers, result=result))
+    duplicates = _record_outcomes(db, spec, outcomes, entries, kept, rejected, log)
     duplicate_rows = _duplicate_rows(spec, duplicates, kept, result)
-    result.n_dropped = _replace_listing_rows(db, spec.name, kept, rejected, duplicate_rows)
+    listed = pa.table({"source_uri": pa.array([item.uri for item in items], pa.string())})
+    result.n_dropped = _replace_listing_rows(db, spec.name, kept, rejected, duplicate_rows, listed)
     result.n_images = len(kept)
     result.n_rejected = len(rejected)
     result.n_duplicates = len(duplicates)
@@ -179,78 +187,83 @@ def ingest_dataset(
     return result
 
 
-def _sort_listing(items: list[SourceItem], spec: DatasetSpec, by_uri: dict, kept: dict, rejected: list,
-                  result: IngestResult) -> list[SourceItem]:
-    """The items to fetch; the listing's own rejections and unknown labels go to `rejected`, and url_list
-    items already ingested with the same label to `kept` (they are not downloaded again)."""
-    to_fetch = []
+def _listed_candidates(items: list[SourceItem], spec: DatasetSpec, rejected: list) -> list[SourceItem]:
+    """The items that need an outcome; the listing's own rejections and unknown labels go to `rejected`."""
+    candidates = []
     for item in items:
         reason = item.attributes.get(REJECT_REASON) if item.label is None else None
         if reason:  # the dataset's own annotations exclude it (e.g. an EMOTIC image with two people)
             rejected.append((spec.name, item.uri, reason, item.attributes.get(REJECT_DETAIL, item.uri)))
-            continue
-        label = map_label(item.label, spec)
-        if label is None:
+        elif map_label(item.label, spec) is None:
             allowed = f"; allowed: {', '.join(spec.classes)}" if spec.classes else ""
             rejected.append((spec.name, item.uri, "unknown_label", f"label {item.label!r} is not a class of {spec.name}{allowed}"))
-        elif is_http_url(item.uri) and item.uri in by_uri and by_uri[item.uri][1] == label:
-            kept.setdefault(by_uri[item.uri][0], (item.uri, label))
-            result.n_known += 1
         else:
-            to_fetch.append(item)
-    return to_fetch
+            candidates.append(item)
+    return candidates
 
 
-def _store_fetched(db: Database, spec: DatasetSpec, to_fetch: list[SourceItem], kept: dict, rejected: list,
-                   result: IngestResult, *, objects_root: Path, work_dir: Path, workers: int, log) -> list[tuple]:
-    """Fetch, validate and store every item, writing `images` rows in batches (a killed run keeps what it
-    stored); returns the duplicates (uri, image_id, label)."""
+def _read_outcomes(to_fetch: list[SourceItem], spec: DatasetSpec, *, objects_root: Path, work_dir: Path,
+                   workers: int, result: IngestResult) -> Iterator[tuple[SourceItem, Outcome, bool]]:
+    """Fetch, validate and store each item, yielding (item, outcome, True): True as in "read in this run"."""
 
-    def accept(fetched: Fetched):
-        if fetched.file is not None:
-            return fetched, *_accept_file(fetched.file, objects_root)
-        if fetched.data is None:
-            return fetched, None, Rejected(fetched.reason or "fetch_failed", fetched.detail or "")
+    def accept(fetched: Fetched) -> tuple[SourceItem, Outcome, bool]:
+        uri = fetched.item.uri
         try:
-            info = inspect_image(fetched.data)
+            if fetched.file is not None:
+                image_id, info, n_bytes, new = _accept_file(fetched.file, objects_root)
+            elif fetched.data is not None:
+                info = inspect_image(fetched.data)
+                image_id, n_bytes = sha256_bytes(fetched.data), len(fetched.data)
+                new = store_object(fetched.data, image_id, objects_root)
+            else:
+                raise Rejected(fetched.reason or "fetch_failed", fetched.detail or "")
         except Rejected as r:
-            return fetched, None, r
-        image_id = sha256_bytes(fetched.data)
-        new = store_object(fetched.data, image_id, objects_root)
-        return fetched, (image_id, info, len(fetched.data), new), None
+            detail = r.detail if r.detail.startswith(uri) else f"{uri}: {r.detail}"
+            return fetched.item, Outcome(reason=r.reason, detail=detail, transient=fetched.transient), False
+        return fetched.item, Outcome(image_id, info.width, info.height, info.format, n_bytes), new
 
     incoming = Path(objects_root) / ".incoming"  # downloads land here: the store's file system, so a move is a rename
     incoming.mkdir(parents=True, exist_ok=True)
     remove_stale_downloads(incoming)
     fetched_items = fetch_items(to_fetch, workers=workers, max_bytes=spec.max_image_bytes, incoming=incoming,
                                 spec=spec, work_dir=work_dir)
+    with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
+        for item, outcome, new in bounded_map(pool, accept, fetched_items, in_flight=64):
+            result.n_new += new
+            yield item, outcome, True
+
+
+def _record_outcomes(db: Database, spec: DatasetSpec, outcomes, entries: SourceEntries, kept: dict,
+                     rejected: list, log) -> list[tuple]:
+    """Sort each outcome into `kept`, `rejected` or the duplicates, writing `images` rows and the entries
+    read, in batches (a killed run keeps what it stored); returns the duplicates (uri, image_id, label)."""
     duplicates = []
     pending: dict[str, tuple] = {}  # by image_id: one statement must not upsert a key twice (DuckDB keeps the first)
-    with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
-        for fetched, ok, rej in bounded_map(pool, accept, fetched_items, in_flight=64):
-            item = fetched.item
-            label = map_label(item.label, spec)
-            if rej is not None:
-                rejected.append((spec.name, item.uri, rej.reason, f"{item.uri}: {rej.detail}"))
+    read: list[tuple[str, Outcome]] = []
+    for item, outcome, was_read in outcomes:
+        if was_read:
+            read.append((item.uri, outcome))
+        if outcome.image_id is None:
+            note = "" if was_read else " (as last read; the file is unchanged, or the URL is not retried: see retry_failed_urls)"
+            rejected.append((spec.name, item.uri, outcome.reason, outcome.detail + note))
+            continue
+        image_id, label = outcome.image_id, map_label(item.label, spec)
+        row = (image_id, spec.name, item.uri, label, outcome.width, outcome.height, outcome.format, outcome.n_bytes,
+               json.dumps(item.attributes, sort_keys=True, default=str))
+        if image_id in kept:
+            # Copies arrive in download order; keeping the smallest URI makes the outcome repeatable.
+            first_uri, first_label = kept[image_id]
+            if item.uri > first_uri:
+                duplicates.append((item.uri, image_id, label))
                 continue
-            image_id, info, n_bytes, new = ok
-            result.n_new += new
-            row = (image_id, spec.name, item.uri, label, info.width, info.height, info.format, n_bytes,
-                   json.dumps(item.attributes, sort_keys=True, default=str))
-            if image_id in kept:
-                # Copies arrive in download order; keeping the smallest URI makes the outcome repeatable.
-                first_uri, first_label = kept[image_id]
-                if item.uri > first_uri:
-                    duplicates.append((item.uri, image_id, label))
-                    continue
-                duplicates.append((first_uri, image_id, first_label))
-            kept[image_id] = (item.uri, label)
-            pending[image_id] = row
-            if len(pending) >= BATCH:
-                _write_images(db, list(pending.values()))
-                log(f"{spec.name}: {len(kept)} images stored, {len(rejected)} rejected so far")
-                pending = {}
-    _write_images(db, list(pending.values()))
+            duplicates.append((first_uri, image_id, first_label))
+        kept[image_id] = (item.uri, label)
+        pending[image_id] = row
+        if len(pending) >= BATCH or len(read) >= BATCH:
+            _write_batch(db, list(pending.values()), entries.rows(read))
+            log(f"{spec.name}: {len(kept)} images stored, {len(rejected)} rejected so far")
+            pending, read = {}, []
+    _write_batch(db, list(pending.values()), entries.rows(read))
     return duplicates
 
 
@@ -267,9 +280,10 @@ def _duplicate_rows(spec: DatasetSpec, duplicates: list[tuple], kept: dict, resu
     return rows
 
 
-def _replace_listing_rows(db: Database, dataset: str, kept: dict, rejected: list[tuple], duplicates: list[tuple]) -> int:
-    """In one transaction: drop the images that left the listing, and replace the dataset's `rejected` and
-    `duplicates` rows; bulk writes through Arrow. Returns the number of images dropped."""
+def _replace_listing_rows(db: Database, dataset: str, kept: dict, rejected: list[tuple], duplicates: list[tuple],
+                          listed: pa.Table) -> int:
+    """In one transaction: drop the images and source entries that left the listing, and replace the
+    dataset's `rejected` and `duplicates` rows; bulk writes through Arrow. Returns the images dropped."""
     current = pa.table({"image_id": pa.array(list(kept), pa.string())})
     rejected_rows = pa.table({name: pa.array(column, pa.string()) for name, column in
                               zip(("dataset", "source_uri", "reason", "detail"), zip(*rejected) if rejected else [[]] * 4)})
@@ -287,20 +301,22 @@ def _replace_listing_rows(db: Database, dataset: str, kept: dict, rejected: list
         conn.execute("INSERT INTO rejected (dataset, source_uri, reason, detail) SELECT * FROM rejected_rows")
         conn.register("duplicate_rows", duplicate_rows)
         conn.execute(f"INSERT INTO duplicates ({', '.join(columns)}) SELECT * FROM duplicate_rows")
+        forget_unlisted(conn, dataset, listed)
         for name in ("current_images", "rejected_rows", "duplicate_rows"):
             conn.unregister(name)
     return dropped
 
 
-def _accept_file(path: Path, objects_root: Path) -> tuple[tuple | None, Rejected | None]:
-    """A downloaded file into the store, or removed with the reason it is no image."""
+def _accept_file(path: Path, objects_root: Path) -> tuple[str, ImageInfo, int, bool]:
+    """A downloaded file into the store: (image_id, info, n_bytes, new); removed, and Rejected raised,
+    when it is no image."""
     try:
         info = inspect_image(path)
-    except Rejected as r:
+    except Rejected:
         path.unlink()
-        return None, r
+        raise
     image_id, n_bytes = sha256_file(path), path.stat().st_size
-    return (image_id, info, n_bytes, store_file(path, image_id, objects_root)), None
+    return image_id, info, n_bytes, store_file(path, image_id, objects_root)
 
 
 def map_label(label: str | None, spec: DatasetSpec) -> str | None:
@@ -323,19 +339,21 @@ def dataset_fingerprint(db: Database, dataset: str) -> str:
 IMAGE_COLUMNS = ("image_id", "dataset", "source_uri", "label", "width", "height", "format", "n_bytes", "attributes")
 
 
-def _write_images(db: Database, rows: list[tuple]) -> None:
-    """Upsert a batch of `images` rows in one statement from an Arrow table (executemany costs ~1000x more)."""
-    if not rows:
-        return
-    types = {"width": pa.int32(), "height": pa.int32(), "n_bytes": pa.int64()}
-    batch = pa.table({name: pa.array(column, types.get(name, pa.string())) for name, column in zip(IMAGE_COLUMNS, zip(*rows))})
+def _write_batch(db: Database, rows: list[tuple], entry_rows: pa.Table) -> None:
+    """Upsert a batch of `images` rows and the source entries read, in one transaction, each in one
+    statement from an Arrow table (executemany costs ~1000x more)."""
     with db.transaction() as conn:
-        conn.register("image_rows", batch)
-        conn.execute(
-            f"""INSERT INTO images ({', '.join(IMAGE_COLUMNS)}) SELECT * FROM image_rows
-               ON CONFLICT (dataset, image_id) DO UPDATE SET source_uri = excluded.source_uri,
-                 label = excluded.label, attributes = excluded.attributes""")
-        conn.unregister("image_rows")
+        if rows:
+            types = {"width": pa.int32(), "height": pa.int32(), "n_bytes": pa.int64()}
+            batch = pa.table({name: pa.array(column, types.get(name, pa.string()))
+                              for name, column in zip(IMAGE_COLUMNS, zip(*rows))})
+            conn.register("image_rows", batch)
+            conn.execute(
+                f"""INSERT INTO images ({', '.join(IMAGE_COLUMNS)}) SELECT * FROM image_rows
+                   ON CONFLICT (dataset, image_id) DO UPDATE SET source_uri = excluded.source_uri,
+                     label = excluded.label, attributes = excluded.attributes""")
+            conn.unregister("image_rows")
+        write_entries(conn, entry_rows)
 
 
 def preview_sample(db: Database, dataset: str, k: int = 16) -> list[tuple[str, str]]:

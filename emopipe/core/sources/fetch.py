@@ -47,7 +47,7 @@ def _fetch_one(item: SourceItem, timeout: float, retries: int, max_bytes: int, i
         try:
             return Fetched(item, None, None, None, file=fetch_to_file(uri, incoming, timeout, retries, max_bytes))
         except FetchFailed as f:
-            return Fetched(item, None, f.reason, f.detail)
+            return Fetched(item, None, f.reason, f.detail, transient=f.retryable)
     if scheme == "synthetic":
         from emopipe.core import synthetic
 

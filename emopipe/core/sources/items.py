@@ -37,6 +37,7 @@ class Fetched:
     reason: str | None  # http_404, http_error, timeout, connection_error, ssl_error, bad_url, too_large, missing_file, unreadable_file
     detail: str | None  # names the URL/file and what happened
     file: Path | None = None  # a download, streamed to a file the consumer owns (moves into the store or deletes)
+    transient: bool = False  # the failure was the network's or a busy server's (timeout, 5xx, 429): try again later
 
 
 class DatasetRoot:
