@@ -1,5 +1,9 @@
 """The Dagster code location: `defs`, loaded by workspace.yaml and `-m emopipe.definitions`."""
 
+from emopipe.threads import prefer_passive_waiting
+
+prefer_passive_waiting()  # before any step imports torch: its OpenMP threads then sleep instead of spinning
+
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 

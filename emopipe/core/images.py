@@ -29,6 +29,7 @@ from emopipe.db import Database
 from emopipe.errors import UserError
 from emopipe.fingerprint import rows_fingerprint
 from emopipe.paths import data_dir, object_path
+from emopipe.threads import available_cores
 
 METHODS = ("squash", "crop")
 SQUASH_MAX_SIZE = 64
@@ -122,7 +123,8 @@ def build_arrays(
     method = method_for(size)
     ids = list(dict.fromkeys(image_ids))
     missing = _not_built(db, ids, size, method, Path(arrays_root))
-    workers = max(1, min(workers or _cpu_count(), len(missing) or 1))
+    # One single-threaded Pillow decoder per core: workers x threads = cores (emopipe/threads.py).
+    workers = max(1, min(workers or available_cores(), len(missing) or 1))
     chunks = [missing[i : i + chunk_size] for i in range(0, len(missing), chunk_size)]
     result = ResizeResult(size, method, len(ids), len(ids) - len(missing), 0)
     label = f"images_{size} ({method})"
@@ -153,10 +155,6 @@ def build_arrays(
     result.seconds = time.perf_counter() - start
     result.images_per_second = result.n_decoded / result.seconds if result.seconds else 0.0
     return result
-
-
-def _cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _not_built(db: Database, ids: list[str], size: int, method: str, arrays_root: Path) -> list[str]:

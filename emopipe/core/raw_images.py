@@ -35,6 +35,7 @@ from emopipe.db import Database
 from emopipe.errors import UserError
 from emopipe.fingerprint import rows_fingerprint, sha256_bytes, sha256_file
 from emopipe.paths import object_path
+from emopipe.threads import available_cores
 
 ACCEPTED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF")
 # Pillow's own warning threshold; above it a file is treated as a decompression bomb.
@@ -227,7 +228,8 @@ def _read_outcomes(to_fetch: list[SourceItem], spec: DatasetSpec, *, objects_roo
     remove_stale_downloads(incoming)
     fetched_items = fetch_items(to_fetch, workers=workers, max_bytes=spec.max_image_bytes, incoming=incoming,
                                 spec=spec, work_dir=work_dir)
-    with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
+    # Threads, one per core: Pillow and hashlib release the GIL while they decode and hash.
+    with ThreadPoolExecutor(max_workers=available_cores()) as pool:
         for item, outcome, new in bounded_map(pool, accept, fetched_items, in_flight=64):
             result.n_new += new
             yield item, outcome, True

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import os
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -38,6 +37,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageOps
 
+from emopipe.threads import available_cores, threads_per_worker
 from emopipe.catalog import TextThresholds
 from emopipe.concurrency import bounded_map
 from emopipe.db import Database
@@ -282,17 +282,13 @@ def _worker_ocr(task: tuple[str, str, int]) -> OcrOutput:
 
 def _ocr_in_workers(ids: list[str], objects_root: Path, ocr_size: int, workers: int, work_dir: Path,
                     precision: str) -> Iterator[OcrOutput]:
-    threads = max(1, available_cores() // workers)
+    threads = threads_per_worker(workers)  # workers x threads = cores (emopipe/threads.py)
     # spawn: a forked child would inherit torch's thread pools and any open DuckDB handle. A process
     # pool executor, not multiprocessing.Pool: a worker killed for memory fails the run instead of hanging it.
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
                              initargs=(threads, str(work_dir), precision)) as pool:
         yield from bounded_map(pool, _worker_ocr, ((i, str(objects_root), ocr_size) for i in ids),
                                in_flight=4 * workers, ordered=False)
-
-
-def available_cores() -> int:
-    return len(os.sched_getaffinity(0))
 
 
 def available_memory() -> int:

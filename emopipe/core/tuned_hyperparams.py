@@ -26,6 +26,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from emopipe.threads import available_cores, threads_per_worker
 from emopipe.atomic import atomic_write
 from emopipe.catalog import ExperimentSpec
 from emopipe.core.device_data import configure_cuda, pick_device
@@ -124,8 +125,8 @@ def tune_hyperparameters(experiment: ExperimentSpec, data: TrainingData, *, work
         time_attr="training_iteration", perturbation_interval=spec.perturbation_interval,
         # synch: every trial reaches the interval before any exploits (a fair comparison, a reproducible order)
         hyperparam_mutations=space, quantile_fraction=spec.quantile_fraction, synch=True)
-    num_cpus = num_cpus or os.cpu_count() or 1
-    cpus_per_trial = max(1, num_cpus // spec.population)
+    num_cpus = num_cpus or available_cores()
+    cpus_per_trial = threads_per_worker(spec.population, num_cpus)  # trials x threads = cores (emopipe/threads.py)
     # The trials share the GPUs (one GPU: each gets 1/population of it, all train at once).
     gpus_per_trial = min(1.0, torch.cuda.device_count() / spec.population) if torch.cuda.is_available() else 0
     started_here = not ray.is_initialized()

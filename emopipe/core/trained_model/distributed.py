@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 import emopipe
+from emopipe.threads import threads_per_worker, worker_environment
 from emopipe.atomic import atomic_write
 from emopipe.catalog import ExperimentSpec
 from emopipe.core.device_data import Ranks
@@ -85,13 +86,13 @@ def train_distributed(experiment: ExperimentSpec, data: TrainingData, *, split_i
                         device="cuda" if use_cuda else "cpu")
     if experiment.nodes == 1:
         log(f"{experiment.name}: {world} training processes on this machine, meeting in {job_dir / STORE_FILE}")
-        _run_ranks(rank_command(job_dir), world, job_dir / STORE_FILE, _environment(experiment, use_cuda), log)
+        _run_ranks(rank_command(job_dir), world, job_dir / STORE_FILE, rank_environment(experiment, use_cuda), log)
     else:
         command = torchrun_command(experiment, job_dir, rdzv_endpoint=rdzv_endpoint, run_id=run_dir.name[:16])
         log(f"{experiment.name}: waiting for {experiment.nodes - 1} more node(s); on each, in this project's "
             f"environment, run: {shlex.join(['torchrun', *command[3:]])}")
         log(f"{experiment.name}: {shlex.join(command)}")
-        _run(command, _environment(experiment, use_cuda), log)
+        _run(command, rank_environment(experiment, use_cuda), log)
     result = finished_result(run_dir)
     if result is None:
         raise TrainingError(f"experiment {experiment.name!r}: the training processes finished but {run_dir / 'result.json'} "
@@ -186,12 +187,13 @@ def _read_lines(fd: int, lines: queue.Queue) -> None:
     lines.put(None)
 
 
-def _environment(experiment: ExperimentSpec, use_cuda: bool) -> dict[str, str]:
+def rank_environment(experiment: ExperimentSpec, use_cuda: bool) -> dict[str, str]:
     env = dict(os.environ)
     package_root = str(Path(emopipe.__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join([package_root, *filter(None, [env.get("PYTHONPATH")])])
-    if not use_cuda:  # CPU ranks share the cores instead of each taking all of them
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // experiment.gpus)))
+    if not use_cuda:  # CPU ranks share the cores: ranks x threads = cores (emopipe/threads.py)
+        for key, value in worker_environment(threads_per_worker(experiment.gpus)).items():
+            env.setdefault(key, value)
     if experiment.nodes == 1 and Path("/sys/class/net/lo").exists():
         # One machine: gloo and NCCL's bootstrap connect over the loopback interface only.
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")
