@@ -4,7 +4,7 @@ reference measured in the same run and prints the ratio."""
 import importlib
 import sys
 
-BENCHMARKS = ("resize", "ocr", "splits", "train")
+BENCHMARKS = ("resize", "ocr", "splits", "train", "scale")
 
 
 def main(argv: list[str]) -> int:

@@ -41,6 +41,7 @@ REDUCING_GAP = 3.0
 # at least this multiple of the target, so the final resize still averages real pixels.
 DRAFT_MARGIN = 2
 ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
+IN_PROCESS_MAX = 256  # at most this many missing images are decoded without a process pool
 
 
 class MissingArraysError(UserError):
@@ -123,8 +124,10 @@ def build_arrays(
     method = method_for(size)
     ids = list(dict.fromkeys(image_ids))
     missing = _not_built(db, ids, size, method, Path(arrays_root))
-    # One single-threaded Pillow decoder per core: workers x threads = cores (emopipe/threads.py).
-    workers = max(1, min(workers or available_cores(), len(missing) or 1))
+    # One single-threaded Pillow decoder per core: workers x threads = cores (emopipe/threads.py). A
+    # few images decode in this process: starting the pool costs more than they take (a re-run's new 1 %).
+    workers = workers or (1 if len(missing) <= IN_PROCESS_MAX else available_cores())
+    workers = max(1, min(workers, len(missing) or 1))
     chunks = [missing[i : i + chunk_size] for i in range(0, len(missing), chunk_size)]
     result = ResizeResult(size, method, len(ids), len(ids) - len(missing), 0)
     label = f"images_{size} ({method})"
@@ -167,7 +170,7 @@ def _not_built(db: Database, ids: list[str], size: int, method: str, arrays_root
         rows = conn.execute(
             "SELECT image_id, shard FROM resized WHERE size = ? AND method = ? "
             "AND image_id IN (SELECT unnest(?::VARCHAR[]))", [size, method, ids]).fetchall()
-    lost = sorted({shard for _, shard in rows if not (arrays_root / shard).is_file()})
+    lost = sorted(shard for shard in {shard for _, shard in rows} if not (arrays_root / shard).is_file())
     if lost:
         with db.transaction() as conn:
             conn.execute("DELETE FROM resized WHERE size = ? AND method = ? "

@@ -162,6 +162,8 @@ def ingest_dataset(
     result.n_inputs = len(items)
     with db.connect() as conn:
         entries = SourceEntries.load(conn, spec.name, objects_root, spec.retry_failed_urls)
+        stored = {uri: (image_id, label, attributes) for uri, image_id, label, attributes in conn.execute(
+            "SELECT source_uri, image_id, label, attributes FROM images WHERE dataset = ?", [spec.name]).fetchall()}
     rejected: list[tuple] = []
     known, to_fetch = [], []
     for item in _listed_candidates(items, spec, rejected):
@@ -174,7 +176,7 @@ def ingest_dataset(
     kept: dict[str, tuple[str, str]] = {}  # image_id -> (source_uri, label) of the first copy
     outcomes = itertools.chain(known, _read_outcomes(to_fetch, spec, objects_root=objects_root, work_dir=work_dir,
                                                                  workers=workers, result=result))
-    duplicates = _record_outcomes(db, spec, outcomes, entries, kept, rejected, log)
+    duplicates = _record_outcomes(db, spec, outcomes, entries, stored, kept, rejected, log)
     duplicate_rows = _duplicate_rows(spec, duplicates, kept, result)
     listed = pa.table({"source_uri": pa.array([item.uri for item in items], pa.string())})
     result.n_dropped = _replace_listing_rows(db, spec.name, kept, rejected, duplicate_rows, listed)
@@ -235,13 +237,15 @@ def _read_outcomes(to_fetch: list[SourceItem], spec: DatasetSpec, *, objects_roo
             yield item, outcome, True
 
 
-def _record_outcomes(db: Database, spec: DatasetSpec, outcomes, entries: SourceEntries, kept: dict,
+def _record_outcomes(db: Database, spec: DatasetSpec, outcomes, entries: SourceEntries, stored: dict, kept: dict,
                      rejected: list, log) -> list[tuple]:
-    """Sort each outcome into `kept`, `rejected` or the duplicates, writing `images` rows and the entries
-    read, in batches (a killed run keeps what it stored); returns the duplicates (uri, image_id, label)."""
+    """Sort each outcome into `kept`, `rejected` or the duplicates, writing the `images` rows that are
+    new or differ from `stored` (uri -> image_id, label, attributes) and the entries read, in batches
+    (a killed run keeps what it stored); returns the duplicates (uri, image_id, label)."""
     duplicates = []
     pending: dict[str, tuple] = {}  # by image_id: one statement must not upsert a key twice (DuckDB keeps the first)
     read: list[tuple[str, Outcome]] = []
+    written: set[str] = set()  # image_ids whose rows earlier batches of this run wrote
     for item, outcome, was_read in outcomes:
         if was_read:
             read.append((item.uri, outcome))
@@ -250,8 +254,8 @@ def _record_outcomes(db: Database, spec: DatasetSpec, outcomes, entries: SourceE
             rejected.append((spec.name, item.uri, outcome.reason, outcome.detail + note))
             continue
         image_id, label = outcome.image_id, map_label(item.label, spec)
-        row = (image_id, spec.name, item.uri, label, outcome.width, outcome.height, outcome.format, outcome.n_bytes,
-               json.dumps(item.attributes, sort_keys=True, default=str))
+        attributes = json.dumps(item.attributes, sort_keys=True, default=str)
+        row = (image_id, spec.name, item.uri, label, outcome.width, outcome.height, outcome.format, outcome.n_bytes, attributes)
         if image_id in kept:
             # Copies arrive in download order; keeping the smallest URI makes the outcome repeatable.
             first_uri, first_label = kept[image_id]
@@ -260,10 +264,14 @@ def _record_outcomes(db: Database, spec: DatasetSpec, outcomes, entries: SourceE
                 continue
             duplicates.append((first_uri, image_id, first_label))
         kept[image_id] = (item.uri, label)
-        pending[image_id] = row
+        # A row stored as it is needs no write, unless this run already wrote (or queued) a copy's row
+        # for the same image_id that this one now replaces.
+        if stored.get(item.uri) != (image_id, label, attributes) or image_id in pending or image_id in written:
+            pending[image_id] = row
         if len(pending) >= BATCH or len(read) >= BATCH:
             _write_batch(db, list(pending.values()), entries.rows(read))
             log(f"{spec.name}: {len(kept)} images stored, {len(rejected)} rejected so far")
+            written.update(pending)
             pending, read = {}, []
     _write_batch(db, list(pending.values()), entries.rows(read))
     return duplicates
