@@ -13,13 +13,14 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
+from emopipe.core.perceptual_hashes import perceptual_hash
 from emopipe.core.splits import (
     PARTS,
     SplitError,
+    assign_parts,
     duplicate_groups,
     make_split,
     parse_scheme,
-    perceptual_hash,
 )
 from emopipe.core.split_is_sound import verify_split
 from emopipe.fingerprint import sha256_bytes
@@ -194,6 +195,20 @@ def test_a_part_emptied_by_a_large_duplicate_group_is_reported(db):
     assert result.small_classes == []
     assert [n for n in result.notes if "'clumpy'" in n and f"{empty[0]} got no images" in n and "largest 8" in n]
     assert_checks_pass(db, result, groups=groups)
+
+
+@pytest.mark.parametrize("ratios", [(70, 15, 15), (90, 10, 0), (85, 0, 15)])
+def test_images_without_groups_split_as_groups_of_one_would(ratios):
+    """The one-window split of images without groups gives what the members/units path gives them."""
+    ids = [image_id(f"img-{k}") for k in range(900)]  # not sorted: assign_parts sorts them
+    labels = ["tiny" if k < 3 else "abcd"[k % 4] for k in range(len(ids))]
+    items = pa.table({"image_id": ids, "label": labels, "official": pa.nulls(len(ids), pa.string())})
+    fast = assign_parts(items, None, ratios, seed=5)
+    units = assign_parts(items, {i: f"group of {i}" for i in ids}, ratios, seed=5)  # named groups: the units path
+    assert fast.rows.to_pylist() == units.rows.to_pylist()
+    assert fast.rows["image_id"].to_pylist() == sorted(ids)
+    assert (fast.counts, fast.small_classes, fast.notes, fast.n_groups_merged) == (units.counts, units.small_classes, [], 0)
+    assert len(fast.small_classes) == 1 and "'tiny'" in fast.small_classes[0]
 
 
 def test_zero_shares_and_bad_schemes(db):
