@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -123,6 +124,7 @@ class Database:
     def __init__(self, path: str | Path, factory: Callable[[], ContextManager] | None = None):
         self.path = Path(path)
         self._factory = factory or self._open
+        self._held: tuple[int, duckdb.DuckDBPyConnection] | None = None  # (thread, connection) of a session
 
     @classmethod
     def from_resource(cls, resource) -> "Database":
@@ -136,7 +138,26 @@ class Database:
             yield conn
 
     @contextmanager
+    def session(self) -> Iterator[None]:
+        """Within it, this thread's connect() and transaction() calls share one connection: opening one
+        costs ~13 ms of CPU, a dozen per step. For short runs of queries only: while it is open, other
+        processes wait for the file."""
+        if self._held is not None:
+            yield
+            return
+        with self.connect() as conn:
+            self._held = (threading.get_ident(), conn)
+            try:
+                yield
+            finally:
+                self._held = None
+
+    @contextmanager
     def connect(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        held = self._held
+        if held is not None and held[0] == threading.get_ident():
+            yield held[1]
+            return
         with self._factory() as conn:
             # The DDL once per database file and process (it cost ~0.1 s a connection); a file made anew
             # at the same path (another inode) gets it again.
@@ -157,6 +178,25 @@ class Database:
                 conn.rollback()
                 raise
             conn.commit()
+
+
+_SCRATCH: list[duckdb.DuckDBPyConnection] = []
+_SCRATCH_LOCK = threading.Lock()
+
+
+@contextmanager
+def scratch() -> Iterator[duckdb.DuckDBPyConnection]:
+    """An in-memory DuckDB connection for set logic on Arrow tables (temp tables and registered views
+    are its own), closed afterwards. A cursor of one process-wide in-memory database: opening a fresh
+    database costs ~12 ms of CPU, a cursor next to nothing."""
+    with _SCRATCH_LOCK:
+        if not _SCRATCH:
+            _SCRATCH.append(duckdb.connect(":memory:", config=CONNECTION_CONFIG))
+        conn = _SCRATCH[0].cursor()
+    try:
+        yield conn
+    finally:
+        conn.close()
 
 
 @contextmanager

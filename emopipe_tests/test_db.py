@@ -47,3 +47,21 @@ def test_missing_table_is_reported_as_a_missing_table(tmp_path):
     with pytest.raises(Exception, match="no_such_table"):
         with db.connect() as conn:
             conn.execute("SELECT * FROM no_such_table")
+
+
+def test_a_session_shares_one_connection_in_its_thread_only(tmp_path):
+    import threading
+
+    db = Database(tmp_path / "s.duckdb")
+    with db.session():
+        with db.connect() as a, db.transaction() as b:
+            assert a is b
+            b.execute("CREATE TABLE t AS SELECT 1 AS x")
+        other = []
+        thread = threading.Thread(target=lambda: other.append(db.connect().__enter__()))
+        thread.start()
+        thread.join()
+        with db.connect() as c:
+            assert c is a and other[0] is not a
+    with db.connect() as d:
+        assert d is not a and d.execute("SELECT x FROM t").fetchall() == [(1,)]

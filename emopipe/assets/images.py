@@ -14,9 +14,9 @@ ALWAYS_BUILT = (32,)
 
 def dataset_image_ids(db, raw_images: dict) -> list[str]:
     """The image ids behind the upstream materialization, refusing a dataset that changed since."""
-    for name, recorded in raw_images.items():
-        require_dataset_unchanged(db, name, recorded["fingerprint"], "raw_images")
-    with db.connect() as conn:
+    with db.session(), db.connect() as conn:
+        for name, recorded in raw_images.items():
+            require_dataset_unchanged(db, name, recorded["fingerprint"], "raw_images")
         rows = conn.execute(
             "SELECT DISTINCT image_id FROM images WHERE dataset IN (SELECT unnest(?)) ORDER BY image_id", [list(raw_images)]
         ).fetchall()
@@ -53,8 +53,9 @@ def images_asset(size: int) -> dg.AssetsDefinition:
         if result.failed:
             context.log.warning(f"{len(result.failed)} images could not be decoded: " + "; ".join(f"{k[:12]}: {v}" for k, v in list(result.failed.items())[:5]))
         built = [i for i in image_ids if i not in result.failed]
-        fingerprint = array_fingerprint(db, built, size)
-        sample = load_array(db, built[:16], size) if built else []
+        with db.session():
+            fingerprint = array_fingerprint(db, built, size)
+            sample = load_array(db, built[:16], size) if built else []
         metadata = {
             "used_by_experiment": True,
             "size": size,

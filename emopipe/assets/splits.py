@@ -24,8 +24,8 @@ from emopipe.core.splits import make_split, near_duplicate_groups
 def splits(context: dg.AssetExecutionContext, duckdb: DuckDBResource, filtered_images: dict, images_32: dict) -> dg.Output[dict]:
     exp = experiment(context)
     db = database(duckdb)
-    groups = near_duplicate_groups(db, filtered_images["filter_id"])
-    with user_errors():
+    with db.session(), user_errors():
+        groups = near_duplicate_groups(db, filtered_images["filter_id"])
         result = make_split(db, experiment=exp.name, dataset=exp.dataset, filter_id=filtered_images["filter_id"],
                             scheme=exp.split, seed=exp.seed, groups=groups,
                             split_column=CATALOG.dataset(exp.dataset).split_column)
@@ -55,8 +55,9 @@ def split_is_sound(context: dg.AssetCheckExecutionContext, duckdb: DuckDBResourc
     exp = experiment(context)
     db = database(duckdb)
     handle = recorded_metadata(context, "splits")
-    outcomes = verify_split(db, handle["split_id"], handle["filter_id"], near_duplicate_groups(db, handle["filter_id"]),
-                            exp.split, CATALOG.dataset(exp.dataset).split_column)
+    with db.session():
+        outcomes = verify_split(db, handle["split_id"], handle["filter_id"], near_duplicate_groups(db, handle["filter_id"]),
+                                exp.split, CATALOG.dataset(exp.dataset).split_column)
     failed = [o for o in outcomes if not o.passed]
     return dg.AssetCheckResult(
         passed=not failed,

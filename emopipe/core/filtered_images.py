@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass, field
 
 from emopipe.db import Database
-from emopipe.fingerprint import rows_fingerprint
+from emopipe.fingerprint import table_fingerprint
 
 N_EXAMPLES = 8
 
@@ -95,8 +95,8 @@ def filter_images(
             f"SELECT label, count(*) FROM ({_SCORED}) WHERE has_text GROUP BY label ORDER BY label", args).fetchall())
         examples = [r[0] for r in conn.execute(
             f"SELECT image_id FROM ({_SCORED}) WHERE has_text ORDER BY image_id LIMIT {N_EXAMPLES}", args).fetchall()]
-        input_fingerprint = rows_fingerprint(conn.execute(
-            "SELECT image_id, label FROM images WHERE dataset = $1", [dataset]).fetchall())
+        input_fingerprint = table_fingerprint(conn.sql(
+            "SELECT image_id, label FROM images WHERE dataset = $1 ORDER BY image_id", params=[dataset]).to_arrow_table())
         filter_id = filter_id_of(key, kept)
         result = FilterResult(
             filter_id=filter_id, n_input=decided.n_input, n_kept=len(kept), n_removed=decided.n_removed,

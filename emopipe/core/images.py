@@ -23,11 +23,12 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
+import pyarrow as pa
 from PIL import Image, ImageOps
 
 from emopipe.db import Database
 from emopipe.errors import UserError
-from emopipe.fingerprint import rows_fingerprint
+from emopipe.fingerprint import table_fingerprint
 from emopipe.paths import data_dir, object_path
 from emopipe.threads import available_cores
 
@@ -334,5 +335,7 @@ def array_fingerprint(db: Database, image_ids: list[str], size: int) -> str:
     Raises MissingArraysError if an id was never built.
     """
     method = method_for(size)
-    return rows_fingerprint((image_id, size, method) for image_id in _locate(db, image_ids, size))
+    ids = sorted(_locate(db, image_ids, size))
+    return table_fingerprint(pa.table({"image_id": pa.array(ids, pa.string()), "size": pa.array([size] * len(ids), pa.int64()),
+                                       "method": pa.array([method] * len(ids), pa.string())}))
 

@@ -26,7 +26,9 @@ def grid_png(images: list[np.ndarray], captions: list[str] | None = None, tile: 
         if captions:
             draw.text((x + 2, y + tile), captions[i][:16], fill="black")
     buf = io.BytesIO()
-    canvas.save(buf, format="PNG", optimize=True)
+    # Fastest zlib level: 16 tiles in 10 ms instead of 67 ms (optimize=True) for ~17 % more bytes; every
+    # materialization draws one, and a re-run that does little else should not spend its time here.
+    canvas.save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
 
 

@@ -33,7 +33,7 @@ from emopipe.core.source_entries import Outcome, SourceEntries, forget_unlisted,
 from emopipe.core.sources import REJECT_DETAIL, REJECT_REASON, Fetched, SourceItem, fetch_items, list_items
 from emopipe.db import Database
 from emopipe.errors import UserError
-from emopipe.fingerprint import rows_fingerprint, sha256_bytes, sha256_file
+from emopipe.fingerprint import sha256_bytes, sha256_file, table_fingerprint
 from emopipe.paths import object_path
 from emopipe.threads import available_cores
 
@@ -179,13 +179,14 @@ def ingest_dataset(
     duplicates = _record_outcomes(db, spec, outcomes, entries, stored, kept, rejected, log)
     duplicate_rows = _duplicate_rows(spec, duplicates, kept, result)
     listed = pa.table({"source_uri": pa.array([item.uri for item in items], pa.string())})
-    result.n_dropped = _replace_listing_rows(db, spec.name, kept, rejected, duplicate_rows, listed)
+    with db.session():
+        result.n_dropped = _replace_listing_rows(db, spec.name, kept, rejected, duplicate_rows, listed)
+        result.fingerprint = dataset_fingerprint(db, spec.name)
     result.n_images = len(kept)
     result.n_rejected = len(rejected)
     result.n_duplicates = len(duplicates)
     for _, _, reason, _ in rejected:
         result.rejected_by_reason[reason] = result.rejected_by_reason.get(reason, 0) + 1
-    result.fingerprint = dataset_fingerprint(db, spec.name)
     result.seconds = time.perf_counter() - start
     return result
 
@@ -254,7 +255,7 @@ def _record_outcomes(db: Database, spec: DatasetSpec, outcomes, entries: SourceE
             rejected.append((spec.name, item.uri, outcome.reason, outcome.detail + note))
             continue
         image_id, label = outcome.image_id, map_label(item.label, spec)
-        attributes = json.dumps(item.attributes, sort_keys=True, default=str)
+        attributes = json.dumps(item.attributes, sort_keys=True, default=str) if item.attributes else "{}"
         row = (image_id, spec.name, item.uri, label, outcome.width, outcome.height, outcome.format, outcome.n_bytes, attributes)
         if image_id in kept:
             # Copies arrive in download order; keeping the smallest URI makes the outcome repeatable.
@@ -342,8 +343,9 @@ def map_label(label: str | None, spec: DatasetSpec) -> str | None:
 def dataset_fingerprint(db: Database, dataset: str) -> str:
     """sha256 over the sorted (image_id, label) pairs of the dataset: its Dagster data version."""
     with db.connect() as conn:
-        rows = conn.execute("SELECT image_id, label FROM images WHERE dataset = ?", [dataset]).fetchall()
-    return rows_fingerprint(rows)
+        rows = conn.sql("SELECT image_id, label FROM images WHERE dataset = $1 ORDER BY image_id",
+                        params=[dataset]).to_arrow_table()
+    return table_fingerprint(rows)
 
 
 IMAGE_COLUMNS = ("image_id", "dataset", "source_uri", "label", "width", "height", "format", "n_bytes", "attributes")
@@ -352,6 +354,8 @@ IMAGE_COLUMNS = ("image_id", "dataset", "source_uri", "label", "width", "height"
 def _write_batch(db: Database, rows: list[tuple], entry_rows: pa.Table) -> None:
     """Upsert a batch of `images` rows and the source entries read, in one transaction, each in one
     statement from an Arrow table (executemany costs ~1000x more)."""
+    if not rows and not entry_rows.num_rows:
+        return
     with db.transaction() as conn:
         if rows:
             types = {"width": pa.int32(), "height": pa.int32(), "n_bytes": pa.int64()}

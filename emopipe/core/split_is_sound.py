@@ -6,10 +6,9 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import duckdb
 
 from emopipe.core.splits import OFFICIAL_UNIT_PARTS, PARTS, load_filtered, parse_scheme, stage_units
-from emopipe.db import CONNECTION_CONFIG, Database
+from emopipe.db import Database, scratch
 
 
 class CheckOutcome(NamedTuple):
@@ -36,7 +35,7 @@ def verify_split(
             return [CheckOutcome("filter_known", False, f"filter {filter_id!r} has no filter_runs row")]
         items = load_filtered(conn, datasets[0], filter_id, split_column)
         stored = conn.sql("SELECT image_id, part FROM splits WHERE split_id = ?", params=[split_id]).to_arrow_table()
-    with duckdb.connect(config=CONNECTION_CONFIG) as conn:
+    with scratch() as conn:
         stage_units(conn, items, groups, ratios)
         conn.register("stored", stored)
         outcomes = [_check_parts(conn), _check_coverage(conn), _check_groups(conn)]

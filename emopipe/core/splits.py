@@ -40,7 +40,6 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -49,7 +48,7 @@ from scipy.sparse.csgraph import connected_components
 
 from emopipe.core.filtered_images import kept_image_ids
 from emopipe.core.perceptual_hashes import image_hashes
-from emopipe.db import CONNECTION_CONFIG, Database
+from emopipe.db import Database, scratch
 from emopipe.errors import UserError
 from emopipe.markdown import markdown_table
 from emopipe.fingerprint import strictly_increasing, table_fingerprint
@@ -117,7 +116,7 @@ def _close_pairs(unique: np.ndarray, max_distance: int) -> np.ndarray:
         "mask": pa.array([(1 << int(hi - lo)) - 1 for lo, hi in zip(edges[:-1], edges[1:])], pa.uint64()),
     })
     hashes = pa.table({"idx": np.arange(len(unique), dtype=np.int64), "h": unique})
-    with duckdb.connect(config=CONNECTION_CONFIG) as conn:
+    with scratch() as conn:
         conn.register("hashes", hashes)
         conn.register("bands", bands)
         result = conn.execute(
@@ -244,7 +243,7 @@ def assign_parts(
     by_id = _sorted_by_unique_id(items) if ratios is not None and not _joins_images(groups) else None
     if by_id is not None:
         return _assign_single_images(by_id, ratios, seed)
-    with duckdb.connect(config=CONNECTION_CONFIG) as conn:
+    with scratch() as conn:
         stage_units(conn, items, groups, ratios)
         if ratios is None:
             _check_official(conn)
@@ -276,7 +275,7 @@ def _assign_single_images(items: pa.Table, ratios: tuple[int, int, int], seed: i
     """assign_parts where every image is its own unit (key = image_id, stratum = label, size 1) and items
     are sorted by image_id: one window pass over the items, without the members and units tables, their
     joins and the label vote. Each part then gets exactly its target, so no part is emptied by a large group."""
-    with duckdb.connect(config=CONNECTION_CONFIG) as conn:
+    with scratch() as conn:
         conn.register("items", items.append_column("pos", pa.array(np.arange(items.num_rows))))
         _stage_parts(conn, ratios)
         conn.execute(_SINGLE_IMAGE_STRATA + _TARGETS_SQL)
