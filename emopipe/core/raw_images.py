@@ -162,7 +162,9 @@ def ingest_dataset(
     result.n_inputs = len(items)
     with db.connect() as conn:
         entries = SourceEntries.load(conn, spec.name, objects_root, spec.retry_failed_urls)
-        stored = {uri: (image_id, label, attributes) for uri, image_id, label, attributes in conn.execute(
+        # uri -> hash of the stored (image_id, label, attributes): an int instead of three strings per image
+        # (100k images: ~30 MB less); a 64-bit hash collision between a row and its changed self is ~1e-19.
+        stored = {row[0]: hash(row[1:]) for row in conn.execute(
             "SELECT source_uri, image_id, label, attributes FROM images WHERE dataset = ?", [spec.name]).fetchall()}
     rejected: list[tuple] = []
     known, to_fetch = [], []
@@ -241,7 +243,7 @@ def _read_outcomes(to_fetch: list[SourceItem], spec: DatasetSpec, *, objects_roo
 def _record_outcomes(db: Database, spec: DatasetSpec, outcomes, entries: SourceEntries, stored: dict, kept: dict,
                      rejected: list, log) -> list[tuple]:
     """Sort each outcome into `kept`, `rejected` or the duplicates, writing the `images` rows that are
-    new or differ from `stored` (uri -> image_id, label, attributes) and the entries read, in batches
+    new or differ from `stored` (uri -> hash of image_id, label, attributes) and the entries read, in batches
     (a killed run keeps what it stored); returns the duplicates (uri, image_id, label)."""
     duplicates = []
     pending: dict[str, tuple] = {}  # by image_id: one statement must not upsert a key twice (DuckDB keeps the first)
@@ -267,7 +269,7 @@ def _record_outcomes(db: Database, spec: DatasetSpec, outcomes, entries: SourceE
         kept[image_id] = (item.uri, label)
         # A row stored as it is needs no write, unless this run already wrote (or queued) a copy's row
         # for the same image_id that this one now replaces.
-        if stored.get(item.uri) != (image_id, label, attributes) or image_id in pending or image_id in written:
+        if stored.get(item.uri) != hash((image_id, label, attributes)) or image_id in pending or image_id in written:
             pending[image_id] = row
         if len(pending) >= BATCH or len(read) >= BATCH:
             _write_batch(db, list(pending.values()), entries.rows(read))

@@ -62,8 +62,10 @@ class SourceEntries:
     @classmethod
     def load(cls, conn, dataset: str, objects_root: Path, retry_failed_urls: bool = False) -> "SourceEntries":
         fields = ", ".join(STORED)
-        last = {row[0]: (row[1], row[2], Outcome(*row[3:])) for row in conn.execute(
-            f"SELECT source_uri, size, mtime_ns, {fields} FROM source_entries WHERE dataset = ?", [dataset]).fetchall()}
+        formats: dict[str, str] = {}  # one str object per format, not one per row
+        result = conn.execute(f"SELECT source_uri, size, mtime_ns, {fields} FROM source_entries WHERE dataset = ?", [dataset])
+        last = {row[0]: (row[1], row[2], Outcome(row[3], row[4], row[5], formats.setdefault(row[6], row[6]), *row[7:]))
+                for rows in iter(lambda: result.fetchmany(10_000), []) for row in rows}  # chunks: no list of every row
         # Databases from before this table: a URL that is an image is known from its `images` row.
         for uri, *facts in conn.execute(
                 """SELECT source_uri, image_id, width, height, format, n_bytes FROM images
@@ -80,11 +82,11 @@ class SourceEntries:
             st = os.stat(uri)
         except OSError:
             return None  # gone or unreadable: the fetch says which
-        self.stats[uri] = (st.st_size, st.st_mtime_ns)
         size, mtime_ns, outcome = self.last.get(uri, (None, None, None))
-        if outcome is None or (size, mtime_ns) != self.stats[uri]:
-            return None
-        return outcome if self._still_stored(outcome) else None
+        if outcome is not None and (size, mtime_ns) == (st.st_size, st.st_mtime_ns) and self._still_stored(outcome):
+            return outcome
+        self.stats[uri] = (st.st_size, st.st_mtime_ns)  # kept for the entries to be read only
+        return None
 
     def _known_url(self, uri: str) -> Outcome | None:
         _, _, outcome = self.last.get(uri, (None, None, None))

@@ -14,7 +14,7 @@ REJECT_DETAIL = "reject_detail"
 OUTSIDE_DATASET = "outside_dataset"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a listing holds one per file, 100k+ of them
 class SourceItem:
     uri: str  # absolute local path or URL, unique within a listing
     label: str | None  # the raw label; the ingest applies class_map
