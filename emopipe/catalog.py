@@ -24,6 +24,11 @@ SPLIT_SCHEMES = ("70/15/15", "80/10/10", "official", "a/b/c summing to 100")
 MODES = ("finetune", "linear_probe")
 TASKS = ("classification", "regression")
 OPTIMIZERS = ("adamw", "sgd", "adagrad")
+# OCR engines of the text filter (emopipe/core/text_engines). EasyOCR stays the default: on the captioned-photo
+# set (`python -m emopipe.bench ocr --quality`) ppocr found 115 of 120 captions to EasyOCR's 117, at ~10x less
+# CPU; the default must not find less text than before, so ppocr is the opt-in fast engine until it does.
+TEXT_ENGINES = ("easyocr", "ppocr")
+DEFAULT_TEXT_ENGINE = "easyocr"
 SCHEDULES = ("cosine", "plateau", "none")
 PRETRAINED_KINDS = ("none", "timm", "efficientnet_lite0", "a path to a weights file")
 
@@ -45,9 +50,9 @@ def did_you_mean(word, known) -> str:
 class TextThresholds:
     """When an image counts as containing text (see README, 'Text filter')."""
 
-    min_confidence: float = 0.2  # EasyOCR often finds real text but reads it at 0.2-0.4 confidence
+    min_confidence: float = 0.2  # both engines often find real text but read it at 0.2-0.4 confidence
     min_area: float = 0.001  # fraction of the image covered by boxes that pass min_confidence
-    min_chars: int = 2  # alphanumeric characters in the boxes that pass
+    min_chars: int = 2  # ASCII letters and digits in the boxes that pass
 
     def as_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -80,6 +85,7 @@ class DatasetSpec:
     n_per_class: int = 100  # synthetic only
     seed: int = 0  # synthetic only
     text_thresholds: TextThresholds | None = None
+    text_engine: str | None = None  # None: DEFAULT_TEXT_ENGINE (an experiment's own key wins)
     description: str = ""
     origin: str = ""  # the catalog file that defined it
 
@@ -115,6 +121,7 @@ class ExperimentSpec:
     image_size: int = 224
     text_filter: bool = True
     text_thresholds: TextThresholds | None = None  # None: the dataset's, else the defaults
+    text_engine: str | None = None  # None: the dataset's, else DEFAULT_TEXT_ENGINE
     split: str = "70/15/15"
     seed: int = 0
     model: str = "tf_efficientnet_lite0"
@@ -171,6 +178,9 @@ class Catalog:
 
     def thresholds(self, exp: ExperimentSpec) -> TextThresholds:
         return exp.text_thresholds or self.datasets[exp.dataset].text_thresholds or TextThresholds()
+
+    def text_engine(self, exp: ExperimentSpec) -> str:
+        return exp.text_engine or self.datasets[exp.dataset].text_engine or DEFAULT_TEXT_ENGINE
 
     def image_sizes(self) -> list[int]:
         """32 and 224 are always built (32 feeds near-duplicate hashing, 224 feeds OCR)."""
@@ -332,6 +342,7 @@ def _dataset(name: str, entry: dict, file: Path) -> DatasetSpec:
         n_per_class=e.get("n_per_class", int, 100),
         seed=e.get("seed", int, 0),
         text_thresholds=e.thresholds(),
+        text_engine=e.get("text_engine", str, None, TEXT_ENGINES),
         description=e.get("description", str, ""),
         origin=str(file),
     )
@@ -425,6 +436,7 @@ def _experiment(name: str, entry: dict, file: Path, datasets: dict[str, DatasetS
         image_size=e.get("image_size", int, 224),
         text_filter=e.get("text_filter", bool, True),
         text_thresholds=e.thresholds(),
+        text_engine=e.get("text_engine", str, None, TEXT_ENGINES),
         split=split,
         seed=e.get("seed", int, 0),
         model=e.get("model", str, "tf_efficientnet_lite0"),

@@ -23,6 +23,18 @@ def test_builtin_demo_is_valid():
     assert 32 in catalog.image_sizes() and 224 in catalog.image_sizes()
 
 
+def test_text_engine_comes_from_the_experiment_then_the_dataset_then_the_default(tmp_path):
+    catalog = load_catalog(write(tmp_path, """
+        datasets:
+          scans: {source: synthetic, text_engine: ppocr}
+        experiments:
+          own: {dataset: scans, text_engine: easyocr}
+          inherited: {dataset: scans}
+          plain: {dataset: demo}
+        """))
+    assert [catalog.text_engine(catalog.experiment(e)) for e in ("own", "inherited", "plain")] == ["easyocr", "ppocr", "easyocr"]
+
+
 def test_user_catalog_merges_over_builtin(tmp_path):
     (tmp_path / "photos").mkdir()
     path = write(tmp_path, f"""
@@ -73,6 +85,7 @@ def test_catalog_from_environment(tmp_path, monkeypatch):
         ("datasets:\n  d:\n    source: archive\n    url: https://example.org/a.zip\n", "datasets.d.sha256", None),
         ("datasets:\n  d:\n    source: folder\n", "datasets.d.path", None),
         ("experiments:\n  x:\n    dataset: demo\n    text_thresholds: {min_conf: 0.5}\n", "experiments.x.text_thresholds", "min_confidence"),
+        ("experiments:\n  x:\n    dataset: demo\n    text_engine: tesseract\n", "experiments.x.text_engine", "easyocr, ppocr"),
     ],
 )
 def test_errors_name_file_key_and_allowed_values(tmp_path, text, key, allowed):

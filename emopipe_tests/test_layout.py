@@ -73,12 +73,13 @@ def test_no_private_name_crosses_a_module():
 
 
 def test_loading_the_definitions_imports_no_model_library():
-    """Every Dagster step process loads the definitions first: torch, timm, EasyOCR, captum and Ray are
-    imported inside the steps that use them, so a DuckDB-only step starts in about a second."""
+    """Every Dagster step process loads the definitions first: torch, timm, EasyOCR, onnxruntime and
+    rapidocr (PP-OCR), OpenCV, captum and Ray are imported inside the steps that use them, so a DuckDB-only
+    step starts in about a second."""
     import subprocess
     import sys
 
-    code = ("import sys, emopipe.definitions; "
-            "print(' '.join(m for m in ('torch', 'torchvision', 'timm', 'easyocr', 'captum', 'ray') if m in sys.modules))")
+    libraries = ('torch', 'torchvision', 'timm', 'easyocr', 'captum', 'ray', 'onnxruntime', 'rapidocr_onnxruntime', 'cv2')
+    code = f"import sys, emopipe.definitions; print(' '.join(m for m in {libraries!r} if m in sys.modules))"
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout
     assert loaded.strip() == "", f"importing emopipe.definitions loads {loaded.strip()}"

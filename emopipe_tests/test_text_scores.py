@@ -1,7 +1,8 @@
-"""Text detection and the text filter, with the real EasyOCR reader on real photos and synthetic images.
+"""Text detection and the text filter, with the real engines (ppocr, the default, and EasyOCR) on real photos
+and synthetic images.
 
-One reader and one scored store are shared by the module (OCR is the slow part); tests that change
-the store use fresh databases or new parameters, and count the reader's calls to show caching.
+One default-engine reader and one scored store are shared by the module; tests that change the store use
+fresh databases or new parameters, and count the reader's calls to show caching.
 """
 
 import json
@@ -14,21 +15,21 @@ from emopipe.catalog import TextThresholds
 from emopipe.core.filtered_images import MissingTextScores, filter_images, kept_image_ids
 from emopipe.core.synthetic import render, synthetic_listing
 from emopipe.core.text_detection_quality import text_quality
-from emopipe.core.text_scores import (
-    DEFAULT_OCR_SIZE, OcrOutput, decide, detector_precision, load_for_ocr, make_reader, ocr_engine, score_params,
-    score_text,
-)
+from emopipe.core.text_engines import text_engine
+from emopipe.core.text_scores import OcrOutput, decide, load_for_ocr, ocr_engine, score_params, score_text
 from emopipe.db import Database
 from emopipe_tests.conftest import encode
 from emopipe.fingerprint import sha256_bytes
 from emopipe.paths import object_path
 
 DEFAULTS = TextThresholds()
-PRECISION = detector_precision("cpu")  # what the stage itself uses on this machine's CPU
+FAST_ENGINE = "ppocr"  # the stage's caching and deciding are engine-agnostic: tested with the fast engine
+ENGINE = text_engine(FAST_ENGINE)
+OCR_SIZE, PRECISION = ENGINE.DEFAULT_OCR_SIZE, ENGINE.default_precision("cpu")  # what the stage uses on this CPU
 
 
 class CountingReader:
-    """The real EasyOCR reader, counting readtext calls."""
+    """A real engine's reader, counting readtext calls."""
 
     def __init__(self, reader):
         self.reader, self.calls, self.batches = reader, 0, []
@@ -81,9 +82,10 @@ class Store:
             return [r[0] for r in conn.execute(
                 "SELECT image_id FROM images WHERE dataset = ? ORDER BY source_uri", [dataset]).fetchall()]
 
-    def score(self, reader, thresholds=DEFAULTS, dataset="t", precision=PRECISION, **kw):
+    def score(self, reader, thresholds=DEFAULTS, dataset="t", engine=FAST_ENGINE, precision=None, **kw):
         return score_text(self.db, self.ids(dataset), thresholds, objects_root=self.objects, work_dir=self.root,
-                          device="cpu", precision=precision, reader_factory=lambda: reader, log=lambda _: None, **kw)
+                          engine=engine, device="cpu", precision=precision, reader_factory=lambda: reader,
+                          log=lambda _: None, **kw)
 
     def scores(self, params_hash):
         with self.db.connect() as conn:
@@ -93,7 +95,7 @@ class Store:
 
 @pytest.fixture(scope="module")
 def reader(tmp_path_factory):
-    return CountingReader(make_reader(False, tmp_path_factory.mktemp("ocr"), PRECISION))
+    return CountingReader(ENGINE.make_reader("cpu", tmp_path_factory.mktemp("ocr"), PRECISION, 2))
 
 
 def _synthetic(has_text: bool, n: int):
@@ -115,7 +117,7 @@ def store(tmp_path_factory, reader, photos):
         s.add("t", uri, render(uri), "joy", attrs["has_text"])
     s.add("t", "corrupt", jpeg(photos["moon"])[:300] + b"garbage" * 10, "sadness", None)
     s.first = s.score(reader)
-    s.first_calls = reader.calls
+    s.first_calls, s.reader = reader.calls, reader
     return s
 
 
@@ -187,7 +189,7 @@ def test_missing_object_is_retried_once_it_is_stored(tmp_path, reader, photos):
 
 def test_filter_keeps_images_without_text(store):
     key, params = store.first.params_hash, store.first.params
-    assert score_params(DEFAULTS, DEFAULT_OCR_SIZE, "cpu", PRECISION) == (key, params)
+    assert score_params(DEFAULTS, FAST_ENGINE, OCR_SIZE, "cpu", PRECISION) == (key, params)
     on = filter_images(store.db, experiment="e1", dataset="t", text_filter=True, params_hash=key, params=params)
     no_text = sorted(i for i, t in store.truth.items() if t is False and i in store.ids())
     assert kept_image_ids(store.db, on.filter_id) == no_text
@@ -209,7 +211,7 @@ def test_filter_keeps_images_without_text(store):
 
 
 def test_filter_refuses_images_without_scores(store):
-    key, params = score_params(TextThresholds(min_chars=5), DEFAULT_OCR_SIZE, "cpu", PRECISION)  # never scored
+    key, params = score_params(TextThresholds(min_chars=5), FAST_ENGINE, OCR_SIZE, "cpu", PRECISION)  # never scored
     with pytest.raises(MissingTextScores, match="12 of 12 images of dataset 't'"):
         filter_images(store.db, experiment="e", dataset="t", text_filter=True, params_hash=key, params=params)
 
@@ -274,36 +276,46 @@ def test_worker_processes_agree_with_one_reader(store, tmp_path):
         data = object_path(image_id, store.objects).read_bytes()
         s.add("t", name, data, "joy", store.truth[image_id])
     result = score_text(s.db, s.ids(), DEFAULTS, objects_root=s.objects, work_dir=tmp_path, workers=2,
-                        device="cpu", log=lambda _: None)
+                        engine=FAST_ENGINE, device="cpu", log=lambda _: None)
     assert (result.workers, result.n_ocr_run, result.n_has_text) == (2, 2, 1)
     assert {i: v[0] for i, v in s.scores(result.params_hash).items()} == {i: store.truth[i] for i in s.ids()}
     with s.db.connect() as conn:
-        assert conn.execute("SELECT count(*) FROM ocr_results WHERE engine = ?", [ocr_engine(DEFAULT_OCR_SIZE, "cpu", PRECISION)]).fetchone()[0] == 2
+        assert conn.execute("SELECT count(*) FROM ocr_results WHERE engine = ?",
+                            [ocr_engine(FAST_ENGINE, OCR_SIZE, "cpu", PRECISION)]).fetchone()[0] == 2
 
 
-def test_bf16_detector_decides_as_fp32_and_is_cached_apart(store, tmp_path):
-    """The bf16 detector (the default on CPUs with native bf16) against EasyOCR's own fp32, on the
-    captioned, plain, scanned and synthetic images of the store."""
+def test_easyocr_engine_bf16_and_fp32_decide_alike_and_engines_never_mix(store, tmp_path):
+    """EasyOCR (text_engine: easyocr) with its bf16 detector (the default on CPUs with native bf16) and its
+    fp32 one, beside the default engine, on the captioned, plain, scanned and synthetic images of the store:
+    each engine OCRs every image itself (no boxes shared) and decides every image right."""
     s = Store(tmp_path)
     for name, image_id in store.names.items():
         if name != "corrupt" and image_id in store.ids("t"):
             s.add("t", name, object_path(image_id, store.objects).read_bytes(), "joy", store.truth[image_id])
-    results = {}
+    easyocr = text_engine("easyocr")
+    results = {"ppocr": s.score(store.reader)}
     for precision in ("fp32", "bf16"):
-        reader = CountingReader(make_reader(False, tmp_path / precision, precision))
-        results[precision] = s.score(reader, precision=precision)
+        reader = CountingReader(easyocr.make_reader("cpu", tmp_path / precision, precision))
+        results[precision] = s.score(reader, engine="easyocr", precision=precision)
         assert reader.calls == len(s.ids()) == 11
-    fp32, bf16 = (s.scores(results[p].params_hash) for p in ("fp32", "bf16"))
-    assert fp32 == bf16 == {i: (store.truth[i], None) for i in s.ids()}
-    assert results["fp32"].params["engine"] == ocr_engine(DEFAULT_OCR_SIZE, "cpu", "fp32") != results["bf16"].params["engine"]
+    truth = {i: (store.truth[i], None) for i in s.ids()}
+    assert all(s.scores(r.params_hash) == truth for r in results.values())
+    assert all(r.n_ocr_run == 11 and r.n_cached == 0 for r in results.values())
+    assert results["fp32"].params["engine"] == easyocr.identity(easyocr.DEFAULT_OCR_SIZE, "cpu", "fp32")
+    assert len({r.params["engine"] for r in results.values()}) == len({r.params_hash for r in results.values()}) == 3
     with s.db.connect() as conn:
-        assert conn.execute("SELECT count(DISTINCT engine) FROM ocr_results").fetchone()[0] == 2
+        assert conn.execute("SELECT count(DISTINCT engine), count(*) FROM ocr_results").fetchone() == (3, 33)
 
 
-def test_batched_padded_passes_decide_as_one_image_at_a_time(reader, photos, tmp_path):
+@pytest.mark.parametrize("engine", ["ppocr", "easyocr"])
+def test_batched_padded_passes_decide_as_one_image_at_a_time(engine, reader, photos, tmp_path):
     """The GPU path's batching, run on the CPU: images of different shapes padded onto the OCR square,
     4 per detector pass, decide as readtext does one at a time, read the same captions, and are cached
     under their own engine."""
+    module = text_engine(engine)
+    precision = module.default_precision("cpu")
+    if engine != FAST_ENGINE:
+        reader = CountingReader(module.make_reader("cpu", tmp_path, precision))
     images = {"chelsea": "Missing you every day", "rocket": "LAUNCH 2024", "astronaut": "so sad today",
               "coffee": None, "coins": None, "grass": None, "camera": None}
     results, texts = {}, {}
@@ -313,14 +325,14 @@ def test_batched_padded_passes_decide_as_one_image_at_a_time(reader, photos, tmp
             arr = caption(photos[name], text, at_top=name == "rocket") if text else photos[name]
             s.add("t", name, encode(arr, "JPEG", quality=90), "joy", text is not None)
         reader.batches.clear()
-        results[batch_size] = s.score(reader, batch_size=batch_size)
+        results[batch_size] = s.score(reader, engine=engine, batch_size=batch_size)
         assert {i: v[0] for i, v in s.scores(results[batch_size].params_hash).items()} == s.truth
         with s.db.connect() as conn:
             texts[batch_size] = {s.names[n]: t for n, t in conn.execute(
                 "SELECT i.source_uri, t.text FROM text_scores t JOIN images i USING (image_id)").fetchall()}
             engines = [r[0] for r in conn.execute("SELECT DISTINCT engine FROM ocr_results").fetchall()]
         assert reader.batches == ([] if batch_size == 1 else [4, 3])
-        assert engines == [ocr_engine(DEFAULT_OCR_SIZE, "cpu", PRECISION, batch_size > 1)]
+        assert engines == [ocr_engine(engine, module.DEFAULT_OCR_SIZE, "cpu", precision, batch_size > 1)]
     assert (results[4].batch_size, results[4].n_ocr_run) == (4, 7)
     for name, text in images.items():
         if text:

@@ -1,4 +1,4 @@
-"""text_scores: EasyOCR on every image of the experiment's dataset, and has_text under its thresholds."""
+"""text_scores: OCR (the experiment's text_engine) on every image of its dataset, and has_text under its thresholds."""
 
 import math
 
@@ -18,17 +18,18 @@ MIN_PRECISION = MIN_RECALL = 0.95
     partitions_def=experiment_partitions,
     code_version=CODE_VERSION,
     group_name="text_filter",
-    kinds={"easyocr", "duckdb"},
+    kinds={"easyocr", "onnxruntime", "duckdb"},
     # OCR reads the original bytes, not the arrays: 32 px erases text, the 224 crop cuts edge captions.
     ins={"raw_images": dg.AssetIn()},
-    # With a GPU, EasyOCR runs there: one GPU step at a time (on a CPU-only machine the pool also keeps
+    # With a GPU, OCR runs there: one GPU step at a time (on a CPU-only machine the pool also keeps
     # OCR from competing with a training step for the cores).
     pool="gpu",
     description=(
-        "EasyOCR (English, offline weights) on each image of the experiment's dataset, read from the original "
-        "bytes with the longer side scaled to the OCR size: boxes, text, best confidence, text area, and has_text "
-        "under the thresholds (text_thresholds), in DuckDB `text_scores`. Raw OCR output is cached per "
-        "(image_id, engine), so no image is OCR'd twice; changing a threshold only re-decides."
+        "OCR (text_engine: easyocr by default, or ppocr: PP-OCRv4 in onnxruntime; offline weights) on each image "
+        "of the experiment's dataset, read from the original bytes with the longer side scaled to the OCR size: "
+        "boxes, text, best confidence, text area, and has_text under the thresholds (text_thresholds), in DuckDB "
+        "`text_scores`. Raw OCR output is cached per (image_id, engine identity), so no image is OCR'd twice and "
+        "engines never mix; changing a threshold only re-decides."
     ),
 )
 def text_scores(context: dg.AssetExecutionContext, duckdb: DuckDBResource, raw_images: dict) -> dg.Output[dict]:
@@ -37,14 +38,15 @@ def text_scores(context: dg.AssetExecutionContext, duckdb: DuckDBResource, raw_i
         context.log.info(f"{exp.name} sets text_filter: false; no OCR needed")
         return versioned_output({"dataset": exp.dataset, "text_filter": False, "params_hash": None, "params": None},
                                 {"text_filter": False}, "no-filter")
-    from emopipe.core.text_scores import score_text  # EasyOCR and torch: only in the step that OCRs
+    from emopipe.core.text_scores import score_text  # the OCR libraries load only in the step that OCRs
 
     db = database(duckdb)
     thresholds = CATALOG.thresholds(exp)
     with db.connect() as conn:
         ids = [r[0] for r in conn.execute("SELECT image_id FROM images WHERE dataset = ? ORDER BY image_id", [exp.dataset]).fetchall()]
     with user_errors():
-        result = score_text(db, ids, thresholds, objects_root=objects_dir(), work_dir=data_dir(), log=context.log.info)
+        result = score_text(db, ids, thresholds, objects_root=objects_dir(), work_dir=data_dir(),
+                            engine=CATALOG.text_engine(exp), log=context.log.info)
     params_hash, params = result.params_hash, result.params
     metadata = {
         "params_hash": params_hash,
@@ -58,6 +60,7 @@ def text_scores(context: dg.AssetExecutionContext, duckdb: DuckDBResource, raw_i
         "workers": result.workers,
         "batch_size": result.batch_size,
         "images_per_second": round(result.images_per_second, 2),
+        "cpu_seconds_per_image": round(result.cpu_seconds_per_image, 4),
         "seconds": round(result.seconds, 1),
     }
     handle = {"dataset": exp.dataset, "text_filter": True, "params_hash": params_hash, "params": params,

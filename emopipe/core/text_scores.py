@@ -1,24 +1,27 @@
-"""Text detection: EasyOCR per image, and the decision `has_text` under configurable thresholds.
+"""Text detection: an OCR engine per image, and the decision `has_text` under configurable thresholds.
+
+Engines (emopipe/core/text_engines/, the catalog's `text_engine`): `easyocr` (the default) and `ppocr`
+(PP-OCRv4 detector and recognizer as ONNX in onnxruntime, ~10x less CPU; why it is not the default is in
+emopipe/catalog.py).
 
 Input. Each image is decoded from its ORIGINAL bytes in the object store (EXIF-transposed, RGB,
 transparency flattened onto white), the whole image, longer side scaled down to `ocr_size`
-(never up), JPEGs decoded in Pillow's draft mode at the smallest DCT scale still >= that size.
-Not the packed arrays: 32 px erases text, and the 224 px array is a centre crop that cuts the
-captions and watermarks sitting at the edges. The default size is DEFAULT_OCR_SIZE; see its comment.
+(never up; default: the engine's DEFAULT_OCR_SIZE), JPEGs decoded in Pillow's draft mode at the smallest
+DCT scale still >= that size. Not the packed arrays: 32 px erases text, and the 224 px array is a centre
+crop that cuts the captions and watermarks sitting at the edges.
 
 Two cache levels, so OCR never runs twice on an image:
-- `ocr_results` (image_id, engine): EasyOCR's raw boxes, engine = EasyOCR version + input size.
+- `ocr_results` (image_id, engine): the engine's raw boxes, engine = its full identity (library and version,
+  model files, input size, device, precision), so engines and settings never mix.
   A decode failure of the (content-addressed) bytes is cached too; a missing object file is not,
   since ingest may store it later.
 - `text_scores` (image_id, params_hash): the decision, re-derived from the stored boxes when a
   threshold changes. An unreadable image gets has_text NULL and a reason, and is re-examined on
   the next run.
 
-Where the work runs: one GPU reader when CUDA is there, batched (GPU_BATCH images per detector pass,
-each padded onto an ocr_size square); otherwise one reader per worker process (spawned; torch threads split among them),
-as many as the cores and memory (READER_BYTES each) allow.
-On a CPU with native bfloat16 the text detector runs in bf16 (see detector_precision). Device and
-precision are part of the engine, so boxes from different arithmetic are cached apart.
+Where the work runs: one GPU reader when the engine finds a GPU, batched (the engine's GPU_BATCH images per
+detector pass, each padded onto an ocr_size square); otherwise one reader per worker process (spawned),
+as many as the cores and memory (the engine's READER_BYTES each) allow, workers x intra-op threads = cores.
 """
 
 from __future__ import annotations
@@ -26,41 +29,26 @@ from __future__ import annotations
 import json
 import multiprocessing
 import time
-import warnings
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-import easyocr
 import numpy as np
-import torch
 from PIL import Image, ImageDraw, ImageOps
 
-from emopipe.threads import available_cores, threads_per_worker
-from emopipe.catalog import TextThresholds
+from emopipe.catalog import DEFAULT_TEXT_ENGINE, TextThresholds
 from emopipe.concurrency import bounded_map
+from emopipe.core.text_engines import text_engine
 from emopipe.db import Database
 from emopipe.fingerprint import params_hash as hash_params
 from emopipe.paths import object_path
+from emopipe.threads import available_cores, threads_per_worker
 
-# Longer side of the OCR input. Measured with EasyOCR 1.7.2 on CPU at thresholds 0.2/0.001/2, on 13
-# skimage photos upscaled to 1024 px, each with a caption banner at 1/20 and at 1/32 of the side, meme text
-# and a faint semi-transparent watermark (52 with text, plus the "page" and "text" photos) and the 13
-# plain ones: 384 px found 49/54, missing 4 faint watermarks and skimage's "text", with no false positive;
-# 320 px also missed 10 of the 13 small captions. Earlier runs: 480 px finds one more watermark, 640 px all,
-# at 1.3x and 2.1x the time of 384. On the synthetic demo 384 px finds all 80 text images (P = R = 1.0).
-# 384 keeps the demo fast; datasets with small or faint text want 480-640.
-DEFAULT_OCR_SIZE = 384
-READER_BYTES = int(1.5 * 2**30)  # a CPU reader's resident memory (~1.3 GB measured) plus headroom
 FLUSH_EVERY = 64  # images per write transaction, so a killed run keeps its finished work
-# Images per padded detector pass on a GPU. All of CRAFT's layer outputs together are 433 MiB per 384 x 288
-# image in fp32 (summed with forward hooks), ~580 MiB on the 384 px square: an upper bound on its
-# activations, so 16 fit in 10 GB.
-GPU_BATCH = 16
 LOG_EVERY_SECONDS = 30.0
 
-Reader = Any  # an easyocr.Reader, or anything with its readtext(np.ndarray) -> [(box, text, conf)]
+Reader = Any  # an engine's reader: readtext(np.ndarray) -> [(corners, text, conf)], readtext_batched(images, batch_size)
 
 
 @dataclass(frozen=True)
@@ -74,6 +62,7 @@ class OcrOutput:
     error: str | None = None
     cacheable: bool = True  # False for a missing object file
     seconds: float = 0.0
+    cpu_seconds: float = 0.0  # CPU time of the OCR process during the engine call (all its threads)
 
 
 @dataclass(frozen=True)
@@ -89,7 +78,7 @@ class Decision:
 @dataclass(frozen=True)
 class TextScoreResult:
     params_hash: str
-    params: dict  # what params_hash hashes: engine (version, OCR size, precision) and thresholds
+    params: dict  # what params_hash hashes: engine identity (library, models, OCR size, device, precision) and thresholds
     n_images: int
     n_ocr_run: int  # images OCR'd in this call
     n_cached: int  # images whose OCR output (or decision) was already stored
@@ -97,69 +86,23 @@ class TextScoreResult:
     n_unreadable: int
     seconds: float
     images_per_second: float  # OCR'd images per second of the OCR phase, reader start-up included
+    cpu_seconds_per_image: float  # CPU time per OCR'd image inside the engine calls (reader start-up excluded)
     workers: int
     batch_size: int  # images per detector pass in this process
     device: str
 
 
-def ocr_engine(ocr_size: int, device: str, precision: str, batched: bool = False) -> str:
-    """The ocr_results cache key: what determines the raw boxes. The device is part of it because
-    EasyOCR quantizes its recognizer to int8 on CPU only; the precision is the detector's; batched
-    ("square") input is padded, which moves the detector's view of the bottom and right edges."""
-    return f"easyocr-{easyocr.__version__}-{ocr_size}px-{device}-{precision}" + ("-square" if batched else "")
+def ocr_engine(engine: str, ocr_size: int, device: str, precision: str, batched: bool = False) -> str:
+    """The ocr_results cache key: the engine's full identity (see emopipe/core/text_engines)."""
+    return text_engine(engine).identity(ocr_size, device, precision, batched)
 
 
-def score_params(thresholds: TextThresholds, ocr_size: int, device: str, precision: str,
+def score_params(thresholds: TextThresholds, engine: str, ocr_size: int, device: str, precision: str,
                  batched: bool = False) -> tuple[str, dict]:
     """(params_hash, params): the text_scores key of a decision."""
-    params = {"engine": ocr_engine(ocr_size, device, precision, batched), "ocr_size": ocr_size, **thresholds.as_dict()}
+    params = {"engine": ocr_engine(engine, ocr_size, device, precision, batched), "ocr_size": ocr_size,
+              **thresholds.as_dict()}
     return hash_params(params), params
-
-
-def detector_precision(device: str) -> str:
-    """"bf16" on a CPU that computes bfloat16 natively (AVX512-BF16 or AMX), else "fp32".
-
-    The CRAFT detector is ~98 % of EasyOCR's time on photos (863 of 880 ms per 384 px photo, one
-    thread). In bf16 autocast and channels-last it took 378 instead of 849 ms (2.2x) on this project's
-    2-core AVX512-BF16 CPU, its heatmaps within 0.01 of fp32; has_text on captioned photos and the
-    synthetic demo was unchanged (numbers in the README). Without native bf16, autocast emulates it
-    and is slower, hence fp32 there. GPUs keep fp32: that path has not been measured in bf16.
-    """
-    # torch has no public "native bf16 on this CPU" query; this is the one autocast's own tests use.
-    return "bf16" if device == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
-
-
-class _Bf16Detector(torch.nn.Module):
-    """EasyOCR's detector under bf16 autocast, channels-last, returning fp32 as EasyOCR expects."""
-
-    def __init__(self, net: torch.nn.Module):
-        super().__init__()
-        self.net = net.to(memory_format=torch.channels_last)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.autocast(x.device.type, dtype=torch.bfloat16):
-            y, feature = self.net(x.contiguous(memory_format=torch.channels_last))
-        return y.float(), feature.float()
-
-
-def make_reader(gpu: bool, work_dir: Path, precision: str = "fp32") -> Reader:
-    """An English EasyOCR reader from the offline weights package; it never downloads.
-    precision "bf16" runs its detector in bfloat16 (see detector_precision)."""
-    import easyocr_en_models
-
-    with warnings.catch_warnings():
-        # EasyOCR quantizes its CPU models with torch.ao.quantization, which torch now deprecates.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        warnings.simplefilter("ignore", UserWarning)
-        reader = easyocr.Reader(
-            ["en"], gpu=gpu, model_storage_directory=easyocr_en_models.model_dir(), download_enabled=False,
-            user_network_directory=str(Path(work_dir) / "easyocr"), verbose=False,
-        )
-    if precision == "bf16":
-        reader.detector = _Bf16Detector(reader.detector)
-    elif precision != "fp32":
-        raise ValueError(f"OCR precision must be 'fp32' or 'bf16', not {precision!r}")
-    return reader
 
 
 def load_for_ocr(path: Path, ocr_size: int) -> np.ndarray:
@@ -188,44 +131,42 @@ def _read(image_id: str, objects_root: Path, ocr_size: int) -> tuple[np.ndarray 
 
 
 def _ocr(reader: Reader, image_id: str, pixels: np.ndarray) -> OcrOutput:
-    start = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # torch's quantized-tensor deprecation, per call
-        found = reader.readtext(pixels)
-    return _output(image_id, pixels.shape, found, time.perf_counter() - start)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    found = reader.readtext(pixels)
+    return _output(image_id, pixels.shape, found, time.perf_counter() - start, time.process_time() - cpu_start)
 
 
 def _ocr_batch(reader: Reader, batch: list[tuple[str, np.ndarray]], side: int) -> list[OcrOutput]:
     """One detector pass over the batch: each image padded with black at the right and bottom onto a
-    side x side square (EasyOCR itself pads to a multiple of 32 this way), so images of any shape go
+    side x side square (both engines pad to a multiple of 32 this way), so images of any shape go
     together and their boxes keep their coordinates."""
     canvas = np.zeros((len(batch), side, side, 3), np.uint8)
     for n, (_, pixels) in enumerate(batch):
         canvas[n, : pixels.shape[0], : pixels.shape[1]] = pixels
-    start = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        found = reader.readtext_batched(list(canvas), batch_size=len(batch))
-    seconds = (time.perf_counter() - start) / len(batch)
-    return [_output(image_id, pixels.shape, image_found, seconds) for (image_id, pixels), image_found in zip(batch, found)]
+    start, cpu_start = time.perf_counter(), time.process_time()
+    found = reader.readtext_batched(list(canvas), batch_size=len(batch))
+    seconds, cpu_seconds = (time.perf_counter() - start) / len(batch), (time.process_time() - cpu_start) / len(batch)
+    return [_output(image_id, pixels.shape, image_found, seconds, cpu_seconds)
+            for (image_id, pixels), image_found in zip(batch, found)]
 
 
-def _output(image_id: str, shape: tuple[int, ...], found: list, seconds: float) -> OcrOutput:
-    """EasyOCR's [(corners, text, confidence)] as an OcrOutput; width/height are the image's own."""
+def _output(image_id: str, shape: tuple[int, ...], found: list, seconds: float, cpu_seconds: float) -> OcrOutput:
+    """A reader's [(corners, text, confidence)] as an OcrOutput; width/height are the image's own."""
     boxes = tuple(
         {"points": [[float(x), float(y)] for x, y in points], "text": text, "confidence": float(conf)}
         for points, text, conf in found
     )
-    return OcrOutput(image_id, shape[1], shape[0], boxes, seconds=seconds)
+    return OcrOutput(image_id, shape[1], shape[0], boxes, seconds=seconds, cpu_seconds=cpu_seconds)
 
 
 def decide(ocr: OcrOutput, thresholds: TextThresholds) -> Decision:
-    """has_text: the boxes at or above min_confidence hold >= min_chars letters/digits and cover
-    >= min_area of the image (their union, so overlapping boxes count once)."""
+    """has_text: the boxes at or above min_confidence hold >= min_chars ASCII letters/digits and cover
+    >= min_area of the image (their union, so overlapping boxes count once). ASCII only: PP-OCR's recognizer
+    also knows Chinese, and reads a stray CJK character into textures now and then."""
     if ocr.error:
         return Decision(None, reason=ocr.error)
     passing = [b for b in ocr.boxes if b["confidence"] >= thresholds.min_confidence]
-    n_chars = sum(ch.isalnum() for b in passing for ch in b["text"])
+    n_chars = sum(ch.isascii() and ch.isalnum() for b in passing for ch in b["text"])
     mask = Image.new("1", (ocr.width, ocr.height))
     draw = ImageDraw.Draw(mask)
     for b in passing:  # corners are pixel edges; Pillow fills the pixels whose centres (x + 0.5) lie inside
@@ -268,10 +209,9 @@ def _ocr_in_process(reader: Reader, ids: list[str], objects_root: Path, ocr_size
 _worker_reader: Reader = None
 
 
-def _init_worker(threads: int, work_dir: str, precision: str) -> None:
+def _init_worker(engine: str, threads: int, work_dir: str, precision: str) -> None:
     global _worker_reader
-    torch.set_num_threads(threads)  # before the reader exists, so the workers share the cores
-    _worker_reader = make_reader(False, Path(work_dir), precision)
+    _worker_reader = text_engine(engine).make_reader("cpu", Path(work_dir), precision, threads)
 
 
 def _worker_ocr(task: tuple[str, str, int]) -> OcrOutput:
@@ -280,13 +220,13 @@ def _worker_ocr(task: tuple[str, str, int]) -> OcrOutput:
     return failed or _ocr(_worker_reader, image_id, pixels)
 
 
-def _ocr_in_workers(ids: list[str], objects_root: Path, ocr_size: int, workers: int, work_dir: Path,
+def _ocr_in_workers(engine: str, ids: list[str], objects_root: Path, ocr_size: int, workers: int, work_dir: Path,
                     precision: str) -> Iterator[OcrOutput]:
     threads = threads_per_worker(workers)  # workers x threads = cores (emopipe/threads.py)
-    # spawn: a forked child would inherit torch's thread pools and any open DuckDB handle. A process
-    # pool executor, not multiprocessing.Pool: a worker killed for memory fails the run instead of hanging it.
+    # spawn: a forked child would inherit thread pools and any open DuckDB handle. A process pool
+    # executor, not multiprocessing.Pool: a worker killed for memory fails the run instead of hanging it.
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
-                             initargs=(threads, str(work_dir), precision)) as pool:
+                             initargs=(engine, threads, str(work_dir), precision)) as pool:
         yield from bounded_map(pool, _worker_ocr, ((i, str(objects_root), ocr_size) for i in ids),
                                in_flight=4 * workers, ordered=False)
 
@@ -300,9 +240,9 @@ def available_memory() -> int:
     raise RuntimeError("no MemAvailable in /proc/meminfo")
 
 
-def default_workers() -> int:
+def default_workers(engine: str = DEFAULT_TEXT_ENGINE) -> int:
     """One CPU reader per core, as many as memory holds."""
-    return max(1, min(available_cores(), available_memory() // READER_BYTES))
+    return max(1, min(available_cores(), available_memory() // text_engine(engine).READER_BYTES))
 
 
 # --- the stage ------------------------------------------------------------------------------------
@@ -314,7 +254,8 @@ def score_text(
     *,
     objects_root: Path,
     work_dir: Path,
-    ocr_size: int = DEFAULT_OCR_SIZE,
+    engine: str = DEFAULT_TEXT_ENGINE,
+    ocr_size: int | None = None,
     workers: int | None = None,
     device: str | None = None,
     precision: str | None = None,
@@ -327,55 +268,60 @@ def score_text(
     (One function on purpose: cache lookup, OCR, storing and deciding share one engine key and one
     set of ids, and read best top to bottom.)
 
-    device: "cuda" or "cpu" (default: cuda when available). precision: the detector's, "fp32" or
-    "bf16" (default: detector_precision(device)). workers: CPU reader processes (default:
-    default_workers()). batch_size: images per padded detector pass, in this process (default:
-    GPU_BATCH on cuda; 1 on CPU, where the worker processes already keep the cores busy; part of the
-    engine). reader_factory: build the reader in this process instead (e.g. a shared or instrumented
-    one, made with the same precision); OCR then runs here, on one reader. work_dir holds EasyOCR's
-    scratch folder.
+    engine: "ppocr" or "easyocr" (emopipe/core/text_engines). ocr_size: longer side of the OCR input
+    (default: the engine's DEFAULT_OCR_SIZE). device: "cuda" or "cpu" (default: the engine's
+    default_device()). precision: the detector's, "fp32" or (easyocr) "bf16" (default: the engine's
+    default_precision(device)). workers: CPU reader processes (default: default_workers(engine)).
+    batch_size: images per padded detector pass, in this process (default: the engine's GPU_BATCH on
+    cuda; 1 on CPU, where the worker processes already keep the cores busy; part of the engine key).
+    reader_factory: build the reader in this process instead (e.g. a shared or instrumented one, made
+    with the same engine and precision); OCR then runs here, on one reader. work_dir holds the engine's
+    scratch files.
     """
     start = time.perf_counter()
     ids = list(dict.fromkeys(image_ids))
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    precision = precision or detector_precision(device)
-    batch_size = batch_size or (GPU_BATCH if device == "cuda" else 1)
-    engine = ocr_engine(ocr_size, device, precision, batch_size > 1)
-    key, params = score_params(thresholds, ocr_size, device, precision, batch_size > 1)
+    module = text_engine(engine)
+    ocr_size = ocr_size or module.DEFAULT_OCR_SIZE
+    device = device or module.default_device()
+    precision = precision or module.default_precision(device)
+    batch_size = batch_size or (module.GPU_BATCH if device == "cuda" else 1)
+    identity = ocr_engine(engine, ocr_size, device, precision, batch_size > 1)
+    key, params = score_params(thresholds, engine, ocr_size, device, precision, batch_size > 1)
     with db.connect() as conn:
         decided = {r[0] for r in conn.execute(
             "SELECT image_id FROM text_scores WHERE params_hash = $1 AND has_text IS NOT NULL"
             " AND image_id IN (SELECT unnest($2::VARCHAR[]))", [key, ids]).fetchall()}
         stored = {r[0]: r[1:] for r in conn.execute(
             "SELECT image_id, boxes, error FROM ocr_results WHERE engine = $1"
-            " AND image_id IN (SELECT unnest($2::VARCHAR[]))", [engine, ids]).fetchall()}
+            " AND image_id IN (SELECT unnest($2::VARCHAR[]))", [identity, ids]).fetchall()}
     pending = [i for i in ids if i not in decided]
     cached = [_from_row(i, *stored[i]) for i in pending if i in stored]
     to_ocr = [i for i in pending if i not in stored]
     if cached:
-        _write(db, engine, key, thresholds, cached, store_ocr=False)
+        _write(db, identity, key, thresholds, cached, store_ocr=False)
 
     if reader_factory is not None or device == "cuda" or batch_size > 1 or not to_ocr:
         workers = 1
     else:
-        workers = max(1, min(workers or default_workers(), len(to_ocr)))
-    n_ocr_run, ocr_start = 0, time.perf_counter()
+        workers = max(1, min(workers or default_workers(engine), len(to_ocr)))
+    n_ocr_run, ocr_cpu_seconds, ocr_start = 0, 0.0, time.perf_counter()
     if to_ocr:
-        log(f"text_scores: OCR on {len(to_ocr)} of {len(ids)} images ({engine}, {device}, {workers} worker(s), "
+        log(f"text_scores: OCR on {len(to_ocr)} of {len(ids)} images ({identity}, {workers} worker(s), "
             f"up to {batch_size} image(s) per pass)")
         if workers > 1:
-            outputs = _ocr_in_workers(to_ocr, objects_root, ocr_size, workers, work_dir, precision)
+            outputs = _ocr_in_workers(engine, to_ocr, objects_root, ocr_size, workers, work_dir, precision)
         else:
-            reader = reader_factory() if reader_factory else make_reader(device == "cuda", work_dir, precision)
+            reader = reader_factory() if reader_factory else module.make_reader(device, work_dir, precision,
+                                                                                available_cores())
             outputs = _ocr_in_process(reader, to_ocr, objects_root, ocr_size, batch_size)
         batch: list[OcrOutput] = []
         last_log = time.perf_counter()
         for done, out in enumerate(outputs, 1):
             batch.append(out)
             n_ocr_run += out.error is None
+            ocr_cpu_seconds += out.cpu_seconds
             if len(batch) >= FLUSH_EVERY or done == len(to_ocr):
-                _write(db, engine, key, thresholds, batch, store_ocr=True)
+                _write(db, identity, key, thresholds, batch, store_ocr=True)
                 batch = []
             if time.perf_counter() - last_log > LOG_EVERY_SECONDS:
                 last_log = time.perf_counter()
@@ -389,7 +335,8 @@ def score_text(
     return TextScoreResult(
         params_hash=key, params=params, n_images=len(ids), n_ocr_run=n_ocr_run, n_cached=len(ids) - len(to_ocr),
         n_has_text=n_has_text, n_unreadable=n_unreadable, seconds=time.perf_counter() - start,
-        images_per_second=n_ocr_run / ocr_seconds if n_ocr_run else 0.0, workers=workers, batch_size=batch_size,
+        images_per_second=n_ocr_run / ocr_seconds if n_ocr_run else 0.0,
+        cpu_seconds_per_image=ocr_cpu_seconds / n_ocr_run if n_ocr_run else 0.0, workers=workers, batch_size=batch_size,
         device=device,
     )
 
