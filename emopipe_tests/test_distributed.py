@@ -27,14 +27,15 @@ class Killed(Exception):
 @pytest.mark.slow
 def test_two_gloo_ranks_train_a_model_that_loads_and_is_recorded_like_a_single_process_one(tmp_path, db, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # per rank
-    # 4 epochs, stopped at epoch 2's line: two epochs of slack, so the ranks cannot finish before the SIGTERM
-    # reaches them (with 3, a quick machine sometimes wrote the final model first).
-    data, ddp, single = colour_data(), experiment(gpus=2, epochs=4), experiment(epochs=4)
+    # Stopped at epoch 2's line of 12: ten epochs of slack, so the ranks cannot write the final model before
+    # the SIGTERM reaches them (with 3 and with 4 epochs, the fresh-clone suite saw them finish first).
+    EPOCHS = 12
+    data, ddp, single = colour_data(), experiment(gpus=2, epochs=EPOCHS), experiment(epochs=EPOCHS)
     kwargs = dict(split_id="s1", work_dir=tmp_path / "models", device="cpu", feature_cache=tmp_path / "features")
     run_dir, _ = run_directory(ddp, data, "s1", (tmp_path / "models").resolve(), world_size=2)
 
     def killed_after_epoch_2(line):  # the parent stops torchrun (SIGTERM); epoch 1's last.pt is written
-        if "epoch 2/4" in line:
+        if f"epoch 2/{EPOCHS}" in line:
             raise Killed
 
     with pytest.raises(Killed):
@@ -52,7 +53,7 @@ def test_two_gloo_ranks_train_a_model_that_loads_and_is_recorded_like_a_single_p
     assert any("meeting in" in line and "rendezvous" in line for line in logs)
     assert opened and all(s.loopback for s in opened), opened
     # Epoch 2's last.pt may or may not have been written before the ranks got the SIGTERM.
-    assert result.resumed_from_epoch in (1, 2) and [h["epoch"] for h in result.history] == [1, 2, 3, 4]
+    assert result.resumed_from_epoch in (1, 2) and [h["epoch"] for h in result.history] == list(range(1, EPOCHS + 1))
     assert any(f"resuming after epoch {result.resumed_from_epoch}" in line for line in logs), logs
     last = torch.load(run_dir / "last.pt", weights_only=True)
     assert len(last["rank_rng"]) == 2 and last["hyperparameters"]["world_size"] == 2 and last["finished"]
@@ -94,7 +95,7 @@ def test_two_gloo_ranks_train_a_model_that_loads_and_is_recorded_like_a_single_p
                                       "FROM models WHERE model_id = ?", [run.model_id]).fetchall()
             rows[run.model_id] = sorted(conn.execute(
                 "SELECT dataset, part, metric, coalesce(class, '') FROM metrics WHERE model_id = ?", [run.model_id]).fetchall())
-        assert models_row == [("tiny", "s1", "test_vit", 4, str(run.checkpoint_path))]
+        assert models_row == [("tiny", "s1", "test_vit", EPOCHS, str(run.checkpoint_path))]
     assert rows[result.model_id] == rows[one.model_id] and ("tiny", "test", "accuracy", "") in rows[one.model_id]
 
     logs.clear()  # finished: returned without starting torchrun
