@@ -27,10 +27,11 @@ class Killed(Exception):
 @pytest.mark.slow
 def test_two_gloo_ranks_train_a_model_that_loads_and_is_recorded_like_a_single_process_one(tmp_path, db, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # per rank
-    # Stopped at epoch 2's line of 12: ten epochs of slack, so the ranks cannot write the final model before
-    # the SIGTERM reaches them (with 3 and with 4 epochs, the fresh-clone suite saw them finish first).
+    # Stopped at epoch 2's line of 12, on 32x the default images: seconds of slack, so the ranks cannot write the
+    # final model before the SIGTERM reaches them. (With 3 epochs of 48 images, ~0.3 s each, the fresh-clone
+    # suite now and then saw the parent take the line only after the ranks had finished.)
     EPOCHS = 12
-    data, ddp, single = colour_data(), experiment(gpus=2, epochs=EPOCHS), experiment(epochs=EPOCHS)
+    data, ddp, single = colour_data(n_train=1536), experiment(gpus=2, epochs=EPOCHS), experiment(epochs=EPOCHS)
     kwargs = dict(split_id="s1", work_dir=tmp_path / "models", device="cpu", feature_cache=tmp_path / "features")
     run_dir, _ = run_directory(ddp, data, "s1", (tmp_path / "models").resolve(), world_size=2)
 
