@@ -3,6 +3,10 @@ interrupted and resumed, compared with a single-process run on the same data."""
 
 import dataclasses
 import json
+import os
+import signal
+import threading
+import time
 
 import pytest
 import torch
@@ -20,27 +24,43 @@ from emopipe_tests.test_trained_model import colour_data, experiment
 torch.set_num_threads(1)  # the parent's own work (the single-process run) beside two 1-thread ranks
 
 
-class Killed(Exception):
-    pass
+def rank_pids() -> list[int]:
+    """This process's children that run a DDP rank."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        try:
+            ppid = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
+            cmdline = open(f"/proc/{entry}/cmdline", "rb").read()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == os.getpid() and b"emopipe.core.trained_model.distributed" in cmdline:
+            pids.append(int(entry))
+    return pids
 
 
 @pytest.mark.slow
 def test_two_gloo_ranks_train_a_model_that_loads_and_is_recorded_like_a_single_process_one(tmp_path, db, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # per rank
-    # Stopped at epoch 2's line of 12, on 32x the default images: seconds of slack, so the ranks cannot write the
-    # final model before the SIGTERM reaches them. (With 3 epochs of 48 images, ~0.3 s each, the fresh-clone
-    # suite now and then saw the parent take the line only after the ranks had finished.)
+    # The ranks are killed (SIGKILL) by a watcher thread as soon as epoch 1's last.pt exists, not from the log
+    # callback: under the full fresh-clone suite the ranks' lines sometimes reached the parent only after the
+    # ranks had finished. 12 epochs of 1,536 images (~0.8 s each) leave seconds of slack.
     EPOCHS = 12
     data, ddp, single = colour_data(n_train=1536), experiment(gpus=2, epochs=EPOCHS), experiment(epochs=EPOCHS)
     kwargs = dict(split_id="s1", work_dir=tmp_path / "models", device="cpu", feature_cache=tmp_path / "features")
     run_dir, _ = run_directory(ddp, data, "s1", (tmp_path / "models").resolve(), world_size=2)
 
-    def killed_after_epoch_2(line):  # the parent stops torchrun (SIGTERM); epoch 1's last.pt is written
-        if f"epoch 2/{EPOCHS}" in line:
-            raise Killed
+    def kill_the_ranks_after_epoch_1():
+        deadline = time.monotonic() + 300
+        while not (run_dir / "last.pt").is_file() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for pid in rank_pids():
+            os.kill(pid, signal.SIGKILL)
 
-    with pytest.raises(Killed):
-        train_distributed(ddp, data, log=killed_after_epoch_2, **kwargs)
+    watcher = threading.Thread(target=kill_the_ranks_after_epoch_1, daemon=True)
+    watcher.start()
+    with pytest.raises(TrainingError, match="distributed training failed"):
+        train_distributed(ddp, data, log=lambda _: None, **kwargs)
+    watcher.join()
     assert not list((tmp_path / "models").glob("*.pt")) and (run_dir / "last.pt").is_file()
     logs = []
     before = {(s.address, s.port) for s in listeners()}
