@@ -10,7 +10,7 @@ from dagster_duckdb import DuckDBResource
 from emopipe.catalog import CatalogError
 
 try:
-    from emopipe.assets.common import CATALOG, experiment_partitions
+    from emopipe.assets.common import CATALOG
 except CatalogError as e:
     # Re-raised here with a fresh traceback: the user sees the message and this line, not our internals.
     raise CatalogError(str(e)) from None
@@ -18,7 +18,7 @@ except CatalogError as e:
 from emopipe.assets.evaluation import evaluation, lineage_verified
 from emopipe.assets.explanations import explanations
 from emopipe.assets.filtered_images import filtered_images
-from emopipe.assets.images import image_assets
+from emopipe.assets.images import ALWAYS_BUILT, image_assets
 from emopipe.assets.raw_images import raw_images
 from emopipe.assets.splits import split_is_sound, splits
 from emopipe.assets.text_scores import text_detection_quality, text_scores
@@ -31,11 +31,25 @@ from emopipe.paths import data_dir, db_path
 
 ASSETS = [raw_images, *image_assets, text_scores, filtered_images, splits, tuned_hyperparams, trained_model, evaluation, explanations]
 CHECKS = [text_detection_quality, split_is_sound, lineage_verified]
+# The step keys Dagster gives the checks: "<asset>_<check>".
+CHECK_STEPS = {f"{key.asset_key.to_user_string()}_{key.name}" for check in CHECKS for key in check.check_keys}
 
-# The whole chain for one experiment partition.
-main_job = dg.define_asset_job(
-    "main", selection=dg.AssetSelection.assets(*ASSETS) | dg.AssetSelection.checks(*CHECKS), partitions_def=experiment_partitions
-)
+def steps_unused_by(exp) -> set[str]:
+    """The steps (asset and check keys) of the main job that do nothing for this experiment, which
+    `emopipe run` does not list: arrays at other sizes, OCR without the text filter, tuning without
+    `tune`, heatmaps where none are asked for."""
+    unused = {f"images_{size}" for size in CATALOG.image_sizes() if size not in (*ALWAYS_BUILT, exp.image_size)}
+    if not exp.text_filter:
+        unused.add("text_scores")
+    if exp.tune is None:
+        unused.add("tuned_hyperparams")
+    if exp.task != "classification" or exp.explain_per_class == 0:
+        unused.add("explanations")
+    return unused
+
+
+# The whole chain for one experiment partition (the partitions come from the assets).
+main_job = dg.define_asset_job("main", selection=dg.AssetSelection.assets(*ASSETS) | dg.AssetSelection.checks(*CHECKS))
 
 defs = dg.Definitions(
     assets=ASSETS,

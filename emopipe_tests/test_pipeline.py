@@ -3,6 +3,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -60,6 +61,39 @@ def test_run_prints_headline_trace_and_where(project):
     root, _, out = project
     assert "| dataset | part |" in out and "reference" in out
     assert "emopipe trace tiny" in out and "dagster dev" in out and str(root / "data") in out
+
+
+ENGINE_EVENTS = ("STEP_START", "STEP_OUTPUT", "LOADED_INPUT", "STEP_INPUT", "HANDLED_OUTPUT", "ASSET_MATERIALIZATION",
+                 "PickledObjectFilesystemIOManager", "Writing file at", "DEBUG")
+USED_STEPS = ["raw_images", "images_32", "images_64", "text_scores", "filtered_images", "splits", "trained_model",
+              "evaluation", "explanations"]
+
+
+def finished_steps(out: str) -> list[str]:
+    return [line[2:].split(":")[0] for line in out.splitlines() if line.startswith("✓ ")]
+
+
+def test_run_reports_one_result_line_per_used_step_and_no_engine_events(project):
+    _, _, out = project  # captured: not a terminal, so plain lines and no progress bars
+    assert not [marker for marker in ENGINE_EVENTS if marker in out]
+    assert sorted(finished_steps(out)) == sorted(USED_STEPS)
+    assert "images_224" not in out and "tuned_hyperparams" not in out  # steps tiny does not use
+    assert re.search(r"^  check text_detection_quality: passed, precision 1\.000, recall 1\.000", out, re.M)
+    assert re.search(r"^✓ text_scores: 120 images, \d+ with text \(120 OCR'd now", out, re.M)
+    assert re.search(r"^    text_scores: OCR: 120/120 images in ", out, re.M)
+
+
+def test_a_second_run_reuses_every_stage(project):
+    root, env, _ = project
+    run = subprocess.run([sys.executable, "-m", "emopipe.cli", "run", "tiny"], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    done = {line[2:].split(":")[0]: line for line in run.stdout.splitlines() if line.startswith("✓ ")}
+    assert sorted(done) == sorted(USED_STEPS)
+    assert "(0 new)" in done["raw_images"] and "(0 decoded, 152 cached)" in done["images_64"]
+    assert "(0 OCR'd now, 120 from the cache)" in done["text_scores"]
+    assert "already trained" in run.stdout
+    assert "stored metrics reused" in done["evaluation"] and "8 heatmaps reused" in done["explanations"]
+    assert query(root, "SELECT count(*) FROM models")[0][0] == 1
 
 
 def test_chain_is_recorded_and_model_learned(project):

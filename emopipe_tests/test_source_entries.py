@@ -147,3 +147,18 @@ def test_a_busy_server_is_tried_again_on_the_next_run(db, data_dir, server, tmp_
     assert first.rejected_by_reason == {"http_error": 1} and server.hits["/busy.jpg"] == 4
     second = ingest(db, data_dir, spec)
     assert second.n_images == 1 and second.n_known == 0 and server.hits["/busy.jpg"] == 5
+
+
+def test_a_synthetic_rerun_renders_nothing_until_the_generator_changes(db, data_dir, monkeypatch):
+    from emopipe.core import source_entries, synthetic
+
+    spec = DatasetSpec(name="gen", source="synthetic", n_per_class=2, seed=1)
+    first = ingest(db, data_dir, spec)
+    rendered, real_render = [], synthetic.render
+    monkeypatch.setattr(synthetic, "render", lambda uri: (rendered.append(uri), real_render(uri))[1])
+    again = ingest(db, data_dir, spec)
+    assert rendered == [] and (again.n_known, again.n_images) == (16, 16) and again.fingerprint == first.fingerprint
+
+    monkeypatch.setattr(source_entries, "RENDER_VERSION", synthetic.RENDER_VERSION + 1)  # as after a change to the drawing
+    redrawn = ingest(db, data_dir, spec)
+    assert len(rendered) == 16 and redrawn.n_known == 0 and redrawn.fingerprint == first.fingerprint

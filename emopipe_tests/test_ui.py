@@ -157,7 +157,7 @@ def test_graph_and_materialization_over_graphql(server, materialized):
     assert 0.0 <= accuracy <= 1.0
     assert len(metadata["model_id"]["text"]) == 64
     assert "accuracy" in metadata["headline"]["mdStr"]
-    assert "data:image/png;base64," in metadata[f"{EXPERIMENT}/test/confusion_matrix"]["mdStr"]
+    assert "data:image/png;base64," in metadata[f"confusion matrix: {EXPERIMENT} test"]["mdStr"]
 
 
 def test_evaluation_page_renders_the_headline_metric(server, materialized, tmp_path):

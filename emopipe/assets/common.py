@@ -44,6 +44,18 @@ def versioned_output(value, metadata: dict, version: str) -> dg.Output:
         return dg.Output(value, metadata=metadata, data_version=dg.DataVersion(version))
 
 
+def experiment_check(**kwargs):
+    """dg.asset_check recorded per experiment partition, so one experiment's failed check never shows as
+    another's (partition-aware checks are a preview feature of Dagster 1.13: its warning is silenced here only)."""
+
+    def decorate(fn):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", dg.PreviewWarning)
+            return dg.asset_check(partitions_def=experiment_partitions, blocking=True, **kwargs)(fn)
+
+    return decorate
+
+
 def png_markdown(png: bytes, alt: str) -> dg.MetadataValue:
     """A PNG shown inline in the UI: Dagster renders Markdown images with data URIs."""
     return dg.MetadataValue.md(f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})")

@@ -5,6 +5,7 @@ from dagster_duckdb import DuckDBResource
 
 from emopipe.assets.common import ARRAY_ASSETS, CODE_VERSION, database, experiment, experiment_partitions, png_markdown, versioned_output
 from emopipe.core.evaluation import evaluated_images
+from emopipe.core.explanation_store import heatmaps_key, stored_heatmaps, write_heatmaps
 from emopipe.core.images import load_array
 from emopipe.paths import data_dir
 
@@ -26,27 +27,40 @@ def explanations(context: dg.AssetExecutionContext, duckdb: DuckDBResource, trai
     exp = experiment(context)
     if exp.task != "classification" or exp.explain_per_class == 0:
         return versioned_output({"images": []}, {"explained": 0}, "none")
-    # torch, timm and captum: only in this step
+    db = database(duckdb)
+    model_id = trained_model["model_id"]
+    test = evaluated_images(db, exp.dataset, trained_model["split_id"], "test")
+    ids = [i for i, _, _ in test]
+    folder = data_dir() / "reports" / f"{exp.name}-{model_id[:12]}-ig"
+    key = heatmaps_key(model_id=model_id, split_id=trained_model["split_id"], test_ids=ids, per_class=exp.explain_per_class)
+    stored = stored_heatmaps(folder, key)
+    if stored is not None:
+        context.log.info(f"reused {len(stored)} heatmaps from {folder}: same model, test images and settings")
+    heatmaps = stored if stored is not None else write_heatmaps(
+        folder, key, _draw_heatmaps(db, trained_model["checkpoint_path"], test, exp.explain_per_class))
+    metadata = {"explained": len(heatmaps), "model_id": model_id, "reused": stored is not None,
+                "summary": f"{len(heatmaps)} heatmaps" + (" reused" if stored is not None else " drawn")}
+    for h in heatmaps:
+        metadata[f"heatmap {h.label} {h.image_id[:12]}"] = png_markdown(
+            (folder / h.file).read_bytes(), f"IG heatmap of {h.image_id[:12]} ({h.label})")
+    return versioned_output({"images": [h.image_id for h in heatmaps]}, metadata, model_id)
+
+
+def _draw_heatmaps(db, checkpoint: str, test: list[tuple], per_class: int) -> list[tuple[str, str, bytes]]:
+    """(label, image_id, overlay PNG) of the chosen test images."""
+    # torch, timm and captum: only when drawing
     from emopipe.core.explanations import caption, explain, overlay_png, select_samples
     from emopipe.core.trained_model import load_checkpoint, predict
 
-    db = database(duckdb)
-    model, info = load_checkpoint(trained_model["checkpoint_path"])
+    model, info = load_checkpoint(checkpoint)
     classes = info["classes"]
-    test = evaluated_images(db, exp.dataset, trained_model["split_id"], "test")
     ids = [i for i, _, _ in test]
     x = load_array(db, ids, info["image_size"])
     probs = predict(model, info, x)
     rows = [(i, label, classes[p]) for (i, label, _), p in zip(test, probs.argmax(1))]
-    chosen = select_samples(rows, exp.explain_per_class, classes)
+    chosen = select_samples(rows, per_class, classes)
     index = [ids.index(image_id) for image_id, _, _ in chosen]
     targets = [int(probs[i].argmax()) for i in index]
     heat = explain(model, info, x[index], targets)
-    out = data_dir() / "reports" / f"{exp.name}-{trained_model['model_id'][:12]}-ig"
-    out.mkdir(parents=True, exist_ok=True)
-    metadata = {"explained": len(chosen), "model_id": trained_model["model_id"]}
-    for k, ((image_id, label, _), i, t) in enumerate(zip(chosen, index, targets)):
-        png = overlay_png(x[i], heat[k], caption(classes[t], float(probs[i, t]), label))
-        (out / f"{label}-{image_id[:12]}.png").write_bytes(png)
-        metadata[f"{label}: {image_id[:12]}"] = png_markdown(png, f"IG heatmap of {image_id[:12]}")
-    return versioned_output({"images": [c[0] for c in chosen]}, metadata, trained_model["model_id"])
+    return [(label, image_id, overlay_png(x[i], heat[k], caption(classes[t], float(probs[i, t]), label)))
+            for k, ((image_id, label, _), i, t) in enumerate(zip(chosen, index, targets))]

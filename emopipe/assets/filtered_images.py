@@ -28,6 +28,9 @@ def filtered_images(context: dg.AssetExecutionContext, duckdb: DuckDBResource, t
     result = filter_images(db, experiment=exp.name, dataset=exp.dataset, text_filter=text_scores["text_filter"],
                            params_hash=text_scores["params_hash"], params=text_scores["params"])
     metadata = {
+        "summary": (f"kept {result.n_kept} of {result.n_input} images, removed {result.n_removed} with text"
+                    + (f" and {result.n_unreadable} unreadable" if result.n_unreadable else "")
+                    if text_scores["text_filter"] else f"all {result.n_kept} images kept (text_filter: false)"),
         "filter_id": result.filter_id,
         "text_filter": text_scores["text_filter"],
         "params_hash": text_scores["params_hash"] or "no-filter",
@@ -39,6 +42,6 @@ def filtered_images(context: dg.AssetExecutionContext, duckdb: DuckDBResource, t
             ["class", "removed (text found)"], [[c, n] for c, n in sorted(result.removed_per_class.items())] or [["-", 0]]),
     }
     if result.removed_examples:
-        metadata["removed_preview"] = png_markdown(grid_png(thumbnails(result.removed_examples)), "images removed for text")
+        metadata["images removed for text"] = png_markdown(grid_png(thumbnails(result.removed_examples)), "images removed for text")
     handle = {"filter_id": result.filter_id, "dataset": exp.dataset, "params_hash": text_scores["params_hash"], "n_kept": result.n_kept}
     return versioned_output(handle, metadata, result.filter_id)

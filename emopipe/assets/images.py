@@ -57,6 +57,8 @@ def images_asset(size: int) -> dg.AssetsDefinition:
             fingerprint = array_fingerprint(db, built, size)
             sample = load_array(db, built[:16], size) if built else []
         metadata = {
+            "summary": f"{len(built)} images at {size} px ({result.n_decoded} decoded, {result.n_cached} cached"
+                       + (f", {len(result.failed)} undecodable)" if result.failed else ")"),
             "used_by_experiment": True,
             "size": size,
             "method": method,
@@ -69,7 +71,7 @@ def images_asset(size: int) -> dg.AssetsDefinition:
             "fingerprint": fingerprint,
         }
         if len(sample):
-            metadata["preview"] = png_markdown(grid_png(list(sample)), f"first images at {size} px")
+            metadata[f"sample at {size} px"] = png_markdown(grid_png(list(sample)), f"first images at {size} px")
         return versioned_output({"size": size, "method": method, "n_images": len(built), "fingerprint": fingerprint},
                                 metadata, fingerprint)
 

@@ -9,7 +9,7 @@ from emopipe.assets.common import CATALOG, CODE_VERSION, database, experiment, e
 from emopipe.core.preview import grid_png, thumbnails
 from emopipe.core.raw_images import ingest_dataset, preview_sample
 from emopipe.fingerprint import rows_fingerprint
-from emopipe.paths import data_dir, objects_dir
+from emopipe.paths import objects_dir, sources_dir
 
 
 @dg.asset(
@@ -30,7 +30,7 @@ def raw_images(context: dg.AssetExecutionContext, duckdb: DuckDBResource) -> dg.
     for name in exp.datasets:
         spec = CATALOG.dataset(name)
         with user_errors():
-            result = ingest_dataset(db, spec, objects_root=objects_dir(), work_dir=data_dir() / "sources" / name, log=context.log.info)
+            result = ingest_dataset(db, spec, objects_root=objects_dir(), work_dir=sources_dir(name), log=context.log.info)
         if not result.balanced:
             raise dg.Failure(f"{name}: accounting does not balance: {result}")
         if result.n_images == 0:
@@ -48,8 +48,9 @@ def raw_images(context: dg.AssetExecutionContext, duckdb: DuckDBResource) -> dg.
     metadata.update({
         "accounting": table_metadata(
             ["dataset", "source", "inputs", "unchanged (not read)", "images", "new bytes stored", "rejected", "duplicates", "label conflicts", "rejected by reason", "fingerprint"], rows),
+        "summary": "; ".join(f"{r[0]}: {r[4]} images ({r[5]} new), {r[6]} rejected, {r[7]} duplicates" for r in rows),
         "n_images": sum(h["n_images"] for h in handle.values()),
         "fingerprint": rows_fingerprint((n, h["fingerprint"]) for n, h in handle.items()),
-        "preview": png_markdown(grid_png(thumbnails([i for i, _ in sample]), [label for _, label in sample]), f"{exp.dataset} sample"),
+        "sample images": png_markdown(grid_png(thumbnails([i for i, _ in sample]), [label for _, label in sample]), f"{exp.dataset} sample"),
     })
     return versioned_output(handle, metadata, metadata["fingerprint"])

@@ -6,7 +6,7 @@ import dagster as dg
 from dagster_duckdb import DuckDBResource
 
 from emopipe.assets.common import (
-    CATALOG, CODE_VERSION, database, experiment, experiment_partitions, table_metadata, recorded_metadata, user_errors, versioned_output,
+    CATALOG, CODE_VERSION, database, experiment, experiment_check, experiment_partitions, table_metadata, recorded_metadata, user_errors, versioned_output,
 )
 from emopipe.core.text_detection_quality import text_quality
 from emopipe.paths import data_dir, objects_dir
@@ -49,6 +49,8 @@ def text_scores(context: dg.AssetExecutionContext, duckdb: DuckDBResource, raw_i
                             engine=CATALOG.text_engine(exp), log=context.log.info)
     params_hash, params = result.params_hash, result.params
     metadata = {
+        "summary": f"{result.n_images} images, {result.n_has_text} with text ({result.n_ocr_run} OCR'd now, "
+                   f"{result.n_cached} from the cache" + (f", {result.n_unreadable} unreadable)" if result.n_unreadable else ")"),
         "params_hash": params_hash,
         "params": params,
         "n_images": result.n_images,
@@ -69,7 +71,7 @@ def text_scores(context: dg.AssetExecutionContext, duckdb: DuckDBResource, raw_i
     return versioned_output(handle, metadata, version)
 
 
-@dg.asset_check(asset=text_scores, blocking=True, description=(
+@experiment_check(asset=text_scores, description=(
     f"Precision and recall of has_text against the dataset's ground truth (images.attributes.has_text, "
     f"e.g. the synthetic demo's rendered text): both must be at least {MIN_PRECISION}."))
 def text_detection_quality(context: dg.AssetCheckExecutionContext, duckdb: DuckDBResource) -> dg.AssetCheckResult:

@@ -52,6 +52,8 @@ def trained_model(context: dg.AssetExecutionContext, duckdb: DuckDBResource, spl
     history = [[h["epoch"], *(_rounded(h.get(k)) for k in ("train_loss", "train_metric", "val_loss", "val_metric"))]
                for h in result.history]
     metadata = {
+        "summary": f"model {result.model_id[:12]}: best epoch {result.best_epoch} of {result.epochs_run}, val {result.metric} "
+                   f"{result.best_val:.4f} ({len(data.train_ids)} train / {len(data.val_ids)} val images, {result.device})",
         "model_id": result.model_id,
         "checkpoint": dg.MetadataValue.path(str(result.checkpoint_path)),
         "split_id": splits["split_id"],
@@ -68,7 +70,7 @@ def trained_model(context: dg.AssetExecutionContext, duckdb: DuckDBResource, spl
         "n_train": len(data.train_ids),
         "n_val": len(data.val_ids),
         "history": table_metadata(["epoch", "train loss", f"train {result.metric}", "val loss", f"val {result.metric}"], history),
-        "learning_curve": png_markdown(result.curve_png.read_bytes(), "learning curves"),
+        "learning curve": png_markdown(result.curve_png.read_bytes(), "learning curves"),
     }
     handle = {"model_id": result.model_id, "checkpoint_path": str(result.checkpoint_path), "split_id": splits["split_id"]}
     return versioned_output(handle, metadata, result.model_id)

@@ -38,6 +38,7 @@ def tuned_hyperparams(context: dg.AssetExecutionContext, duckdb: DuckDBResource,
     trials = [[t["trial_id"], t["config"]["lr"], t["config"]["weight_decay"], t["config"]["batch_size"], round(t["val_metric"], 4)]
               for t in result.trials]
     metadata = {
+        "summary": f"PBT over {len(result.trials)} trials: best val {result.metric} {result.best_val:.4f} with {result.best_config}",
         "tuned": True,
         "best_config": result.best_config,
         f"best_val_{result.metric}": round(result.best_val, 4),

@@ -79,13 +79,27 @@ def overlay_png(image: np.ndarray, attribution: np.ndarray, caption: str) -> byt
     rgba[..., 3] = (HEATMAP_ALPHA * 255 * np.sqrt(heat)).astype(np.uint8)  # weak attribution: image shows through
     overlay = Image.fromarray(rgba, "RGBA").resize((side, side), Image.Resampling.BILINEAR)
     font = ImageFont.load_default(size=max(12, side // 20))
-    strip = font.size + 12 if hasattr(font, "size") else 24
-    canvas = Image.new("RGB", (side, side + strip), "white")
+    lines = _wrapped(caption, font, side - 12)
+    line_height = font.size + 4
+    canvas = Image.new("RGB", (side, side + 10 + line_height * len(lines)), "white")
     canvas.paste(Image.alpha_composite(base, overlay).convert("RGB"), (0, 0))
-    ImageDraw.Draw(canvas).text((6, side + 5), caption, fill="black", font=font)
+    draw = ImageDraw.Draw(canvas)
+    for k, line in enumerate(lines):
+        draw.text((6, side + 5 + k * line_height), line, fill="black", font=font)
     buffer = io.BytesIO()
     canvas.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def _wrapped(text: str, font, width: int) -> list[str]:
+    """The words of text in lines no wider than width pixels (a word longer than that gets a line of its own)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and font.getlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] += f" {word}"
+        else:
+            lines.append(word)
+    return lines or [""]
 
 
 def caption(predicted: str, probability: float, label: str | None = None) -> str:

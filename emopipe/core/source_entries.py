@@ -12,7 +12,10 @@ retried on every run: the dataset key `retry_failed_urls: true` asks for it. A f
 network's or a busy server's (timeout, dropped connection, 5xx or 429 after the download's own
 retries) is not remembered, so the next run tries that URL again.
 
-Other sources (synthetic, parquet rows) are cheap or pinned and are always read.
+A synthetic image is a pure function of its URI and the generator's code: it is known by the URI and
+synthetic.RENDER_VERSION (kept in the mtime_ns column), so the demo's re-run renders nothing.
+
+Parquet rows are pinned by their file's sha256 and always read.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import pyarrow as pa
 
 from emopipe.core.download import is_http_url
 from emopipe.core.sources import SourceItem
+from emopipe.core.synthetic import RENDER_VERSION, SCHEME as SYNTHETIC_SCHEME
 
 ENTRY_COLUMNS = ("dataset", "source_uri", "size", "mtime_ns", "image_id", "width", "height", "format",
                  "n_bytes", "reason", "detail")
@@ -77,6 +81,8 @@ class SourceEntries:
         """The entry's outcome from the last read if it still holds (nothing to read), else None."""
         uri = item.uri
         if not os.path.isabs(uri):  # checked first: urlsplit per local path cost more than its stat
+            if uri.startswith(SYNTHETIC_SCHEME):
+                return self._known_synthetic(uri)
             return self._known_url(uri) if is_http_url(uri) else None
         try:
             st = os.stat(uri)
@@ -86,6 +92,13 @@ class SourceEntries:
         if outcome is not None and (size, mtime_ns) == (st.st_size, st.st_mtime_ns) and self._still_stored(outcome):
             return outcome
         self.stats[uri] = (st.st_size, st.st_mtime_ns)  # kept for the entries to be read only
+        return None
+
+    def _known_synthetic(self, uri: str) -> Outcome | None:
+        _, version, outcome = self.last.get(uri, (None, None, None))
+        if outcome is not None and version == RENDER_VERSION and self._still_stored(outcome):
+            return outcome
+        self.stats[uri] = (None, RENDER_VERSION)
         return None
 
     def _known_url(self, uri: str) -> Outcome | None:

@@ -102,8 +102,13 @@ def _check_proportions(conn) -> CheckOutcome:
            LEFT JOIN small sm USING (stratum)
            WHERE abs(coalesce(a.n, 0) - expected) > tolerance ORDER BY ALL"""
     ).fetchall()
-    n_strata = conn.execute("SELECT count(*) FROM strata").fetchall()[0][0]
-    details = f"{n_strata} classes, every part within tolerance of its target" if not off else (
+    n_strata, n_classes = conn.execute(
+        "SELECT count(*), (SELECT count(DISTINCT label) FROM members) FROM strata").fetchall()[0]
+    # A class whose every image sits in groups of another majority class is no stratum: say so, or the count
+    # of classes reads as if the class had vanished.
+    absorbed = (f" ({n_classes - n_strata} more only in groups split as another class: see the split's notes)"
+                if n_classes > n_strata else "")
+    details = f"{n_strata} classes{absorbed}, every part within tolerance of its target" if not off else (
         f"{len(off)} class/part counts off target: "
         + _examples([f"{s}/{p}: {n} (target {e} +- {tol})" for s, p, n, e, tol in off]))
     return CheckOutcome("proportions", not off, details)

@@ -23,6 +23,10 @@ from emopipe.errors import UserError
 
 MIKELS: tuple[str, ...] = ("amusement", "anger", "awe", "contentment", "disgust", "excitement", "fear", "sadness")
 
+# Bump when the drawing changes for the same URI: the ingest then renders every synthetic image again
+# instead of trusting what it stored (core/source_entries.py).
+RENDER_VERSION = 1
+SCHEME = "synthetic://"
 TEXT_BLOCK = 10  # one image in ten carries text
 PNG_FRACTION = 0.30
 MIN_SIDE, MAX_SIDE = 200, 640

@@ -43,10 +43,10 @@ from emopipe.core.text_engines import text_engine
 from emopipe.db import Database
 from emopipe.fingerprint import params_hash as hash_params
 from emopipe.paths import object_path
+from emopipe.progress import Progress
 from emopipe.threads import available_cores, threads_per_worker
 
 FLUSH_EVERY = 64  # images per write transaction, so a killed run keeps its finished work
-LOG_EVERY_SECONDS = 30.0
 
 Reader = Any  # an engine's reader: readtext(np.ndarray) -> [(corners, text, conf)], readtext_batched(images, batch_size)
 
@@ -308,6 +308,9 @@ def score_text(
     if to_ocr:
         log(f"text_scores: OCR on {len(to_ocr)} of {len(ids)} images ({identity}, {workers} worker(s), "
             f"up to {batch_size} image(s) per pass)")
+        if engine == "easyocr" and device == "cpu" and precision == "fp32":
+            log("text_scores: this CPU has no native bfloat16 (AVX512-BF16/AMX): the EasyOCR text detector runs in "
+                "fp32, 2-3x slower (text_engine: ppocr is about 10x faster)")
         if workers > 1:
             outputs = _ocr_in_workers(engine, to_ocr, objects_root, ocr_size, workers, work_dir, precision)
         else:
@@ -315,17 +318,15 @@ def score_text(
                                                                                 available_cores())
             outputs = _ocr_in_process(reader, to_ocr, objects_root, ocr_size, batch_size)
         batch: list[OcrOutput] = []
-        last_log = time.perf_counter()
-        for done, out in enumerate(outputs, 1):
-            batch.append(out)
-            n_ocr_run += out.error is None
-            ocr_cpu_seconds += out.cpu_seconds
-            if len(batch) >= FLUSH_EVERY or done == len(to_ocr):
-                _write(db, identity, key, thresholds, batch, store_ocr=True)
-                batch = []
-            if time.perf_counter() - last_log > LOG_EVERY_SECONDS:
-                last_log = time.perf_counter()
-                log(f"text_scores: {done}/{len(to_ocr)} images, {done / (last_log - ocr_start):.2f} images/s")
+        with Progress("text_scores: OCR", len(to_ocr), "images", log) as progress:
+            for done, out in enumerate(outputs, 1):
+                batch.append(out)
+                n_ocr_run += out.error is None
+                ocr_cpu_seconds += out.cpu_seconds
+                if len(batch) >= FLUSH_EVERY or done == len(to_ocr):
+                    _write(db, identity, key, thresholds, batch, store_ocr=True)
+                    batch = []
+                progress.advance()
     ocr_seconds = time.perf_counter() - ocr_start
 
     with db.connect() as conn:

@@ -13,14 +13,15 @@ from emopipe.core.download import download_file, extract_archive
 from emopipe.core.sources.paths import locked
 
 
-def extracted_archive(spec: DatasetSpec, work_dir: Path) -> Path:
-    """The archive's extraction folder, downloading and extracting it the first time.
+def extraction_folder(spec: DatasetSpec, work_dir: Path) -> Path:
+    """Where the archive is extracted: keyed by the sha256, so a new checksum in the catalog means a fresh
+    download. Extraction goes to a temp folder renamed into place, so a folder that exists is complete."""
+    return work_dir / f"archive-{spec.sha256.lower()[:16]}"
 
-    Keyed by the sha256, so a new checksum in the catalog means a fresh download. Extraction goes
-    to a temp folder renamed into place, so a folder that exists is complete.
-    """
-    key = spec.sha256.lower()[:16]
-    extracted = work_dir / f"archive-{key}"
+
+def extracted_archive(spec: DatasetSpec, work_dir: Path) -> Path:
+    """The archive's extraction folder, downloading and extracting it the first time."""
+    extracted = extraction_folder(spec, work_dir)
     if extracted.is_dir():
         return extracted
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -29,7 +30,7 @@ def extracted_archive(spec: DatasetSpec, work_dir: Path) -> Path:
             return extracted
         for stale in work_dir.glob(".extracting-*"):  # left by a killed run
             shutil.rmtree(stale, ignore_errors=True)
-        archive = work_dir / f"archive-{key}.download"
+        archive = work_dir / f"{extracted.name}.download"
         if not archive.exists():
             download_file(spec.url, archive, spec.sha256)
         tmp = Path(tempfile.mkdtemp(dir=work_dir, prefix=".extracting-"))

@@ -83,7 +83,7 @@ def _parquet_file(location: str, sha256: str | None, work_dir: Path, where: str)
         if sha256 and sha256_file(path) != sha256.lower():
             raise SourceError(f"{where}.files: {location}: sha256 mismatch (expected {sha256.lower()})")
         return path
-    dest = _download_path(location, sha256, work_dir)
+    dest = download_path(location, sha256, work_dir)
     if dest.exists():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -94,7 +94,8 @@ def _parquet_file(location: str, sha256: str | None, work_dir: Path, where: str)
     return dest
 
 
-def _download_path(location: str, sha256: str | None, work_dir: Path) -> Path:
+def download_path(location: str, sha256: str | None, work_dir: Path) -> Path:
+    """Where a Parquet file at an http(s) URL is kept once downloaded (its checksum, else its URL, names it)."""
     key = (sha256 or hashlib.sha256(location.encode()).hexdigest()).lower()[:16]
     return Path(work_dir) / f"parquet-{key}.parquet"
 
@@ -195,7 +196,7 @@ class ParquetReader:
         self.checksums = {f.location: f.sha256 for f in spec.files}
 
     def local_file(self, location: str) -> Path:
-        return _download_path(location, self.checksums.get(location), self.work_dir) if is_http_url(location) else Path(location)
+        return download_path(location, self.checksums.get(location), self.work_dir) if is_http_url(location) else Path(location)
 
     def fetch(self, item: SourceItem) -> Fetched:
         location, _, position = item.uri.removeprefix("parquet:").rpartition("#")

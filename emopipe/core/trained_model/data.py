@@ -12,6 +12,7 @@ import numpy as np
 
 from emopipe.catalog import ExperimentSpec
 from emopipe.core.raw_images import attribute_matrix
+from emopipe.core.splits import empty_part_cause
 from emopipe.db import Database
 from emopipe.errors import UserError
 from emopipe.fingerprint import rows_fingerprint
@@ -66,11 +67,12 @@ def load_training_data(db: Database, split_id: str, experiment: ExperimentSpec, 
             classes = [r[0] for r in conn.execute(
                 "SELECT DISTINCT i.label FROM splits s JOIN images i ON i.image_id = s.image_id AND i.dataset = ? "
                 "WHERE s.split_id = ? AND i.label IS NOT NULL ORDER BY 1", [experiment.dataset, split_id]).fetchall()]
-    parts = {p: [r for r in rows if r[0] == p] for p in ("train", "val")}
-    for part, part_rows in parts.items():
-        if not part_rows:
-            raise TrainingError(f"split {split_id} of dataset {experiment.dataset!r} has no {part} images "
-                                f"(experiment {experiment.name!r}); materialize splits for it first")
+        parts = {p: [r for r in rows if r[0] == p] for p in ("train", "val")}
+        for part, part_rows in parts.items():
+            if not part_rows:
+                cause = empty_part_cause(conn, split_id, experiment.name, part)
+                raise TrainingError(f"split {split_id} of dataset {experiment.dataset!r} has no {part} images "
+                                    f"(experiment {experiment.name!r}): {cause}")
     ys = {p: _targets(part_rows, experiment, classes) for p, part_rows in parts.items()}
     ids = {p: [r[1] for r in part_rows] for p, part_rows in parts.items()}
     return TrainingData(

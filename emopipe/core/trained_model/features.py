@@ -15,6 +15,7 @@ from emopipe.atomic import atomic_write
 from emopipe.core.device_data import DeviceBatches, InputPipeline
 from emopipe.core.models import Normalization
 from emopipe.fingerprint import params_hash
+from emopipe.progress import Progress
 
 Log = Callable[[str], None]
 
@@ -52,6 +53,7 @@ def cached_features(cache_dir: Path, ids: list[str], images: "np.ndarray | Conca
         first.setdefault(image_id, n)
     missing = [n for image_id, n in first.items() if image_id not in where]
     log(f"features: {len(first) - len(missing)} of {len(first)} cached in {cache_dir}, computing {len(missing)}")
+    progress = Progress("features", len(missing), "images", log)
     for start in range(0, len(missing), chunk):
         positions = missing[start:start + chunk]
         new_ids = [ids[n] for n in positions]
@@ -62,6 +64,8 @@ def cached_features(cache_dir: Path, ids: list[str], images: "np.ndarray | Conca
         atomic_write(cache_dir / f"{name}.ids.json", lambda f: f.write(json.dumps(new_ids).encode()))
         for row, image_id in enumerate(new_ids):
             where[image_id] = (shard, row)
+        progress.advance(len(new_ids))
+    progress.close()
     maps = {}
     rows = []
     for image_id in ids:

@@ -38,6 +38,7 @@ from emopipe.core.trained_model.loop import (better, cpu_state, deterministic, e
 from emopipe.core.trained_model.setup import setup_training
 from emopipe.fingerprint import params_hash, sha256_file
 from emopipe.paths import data_dir
+from emopipe.progress import Progress, bars_shown
 
 # Training keys of ExperimentSpec: a run folder (and so a resume) is keyed by these + split + data.
 TRAINING_KEYS = ("image_size", "seed", "model", "pretrained", "mode", "task", "targets", "soft_labels",
@@ -180,6 +181,8 @@ class _Run:
         resumed_from = state["epoch"]
         stop = state["finished"]
         epoch = state["epoch"]
+        # A bar over the epochs on a terminal; elsewhere the epoch lines below are the progress.
+        epochs_bar = Progress(f"{exp.name}: training", exp.epochs - epoch, "epochs", self.log) if ranks.main and bars_shown() else None
         while not stop and epoch < exp.epochs:
             epoch += 1
             trainable.train()
@@ -217,6 +220,8 @@ class _Run:
                      f"{' *' if best_epoch == epoch else ''} ({n_seen / max(time.perf_counter() - t0, 1e-9):.0f} images/s)")
             if stop:
                 self.log(f"{exp.name}: early stop: no val improvement for {exp.patience} epochs (best epoch {best_epoch})")
+            if epochs_bar is not None:
+                epochs_bar.advance()
             wall = wall_before + time.perf_counter() - self.started
             rng = ranks.gather(rng_state(shuffle, pipeline, device))  # each rank's augmentation and dropout streams
             if not ranks.main:
@@ -232,6 +237,8 @@ class _Run:
                 "wall_seconds": wall, "finished": stop or epoch >= exp.epochs}, f))
             if self.on_epoch_end is not None:
                 self.on_epoch_end(epoch, history)
+        if epochs_bar is not None:
+            epochs_bar.close()
         if ranks.main:
             trainable.load_state_dict(best_weights)
             result = self._finish(history, best_epoch, resumed_from, wall_before + time.perf_counter() - self.started,
