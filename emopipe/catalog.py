@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from emopipe.errors import UserError
 
 BUILTIN_CATALOG = Path(__file__).with_name("catalog.yaml")
 
-SOURCES = ("synthetic", "folder", "archive", "url_list", "emoset", "parquet", "emotic", "webemo")
+SOURCES = ("synthetic", "folder", "archive", "url_list", "emoset", "parquet", "emotic", "webemo", "emotion6")
 SPLIT_SCHEMES = ("70/15/15", "80/10/10", "official", "a/b/c summing to 100")
 MODES = ("finetune", "linear_probe")
 TASKS = ("classification", "regression")
@@ -69,7 +69,8 @@ class DatasetSpec:
     name: str
     source: str
     path: str | None = None  # folder: root folder (class-per-subfolder or manifest-relative paths);
-    # emoset: EmoSet-118K's data_root; emotic: the image root; webemo: the folder of train25.txt/test25.txt
+    # emoset: EmoSet-118K's data_root; emotic: the image root; webemo: the folder of train25.txt/test25.txt;
+    # emotion6: the folder holding images/ and ground_truth.txt
     labels: str | None = None  # folder/archive: CSV manifest path,label[,attrs]; url_list: CSV url,label[,attrs];
     # emotic: Annotations.mat, a converted CSV or a folder of them (relative to path)
     files: tuple[DataFile, ...] = ()  # parquet: the Parquet files
@@ -149,6 +150,15 @@ class ExperimentSpec:
     retrain: str | None = None  # cron string for scheduled retraining; None = off
     description: str = ""
     origin: str = ""
+    # Set by the `seeds` expansion (not catalog keys): the experiment the seed partitions came from, and the
+    # seed of its split, which is the first seed's for every partition (same split, other training seeds).
+    seed_group: str | None = None
+    split_seed: int | None = None
+
+    @property
+    def seed_of_split(self) -> int:
+        """The split's seed: `seed` (split and training seed) unless a `seeds` expansion pinned it."""
+        return self.seed if self.split_seed is None else self.split_seed
 
     @property
     def datasets(self) -> tuple[str, ...]:
@@ -207,7 +217,8 @@ def load_catalog(path: str | os.PathLike | None = None) -> Catalog:
                 _check_name(file, f"{section}.{name}", name)
                 target[str(name)] = (entry, file)
     datasets = {n: _dataset(n, e, f) for n, (e, f) in raw_datasets.items()}
-    experiments = {n: _experiment(n, e, f, datasets) for n, (e, f) in raw_experiments.items()}
+    experiments = {spec.name: spec for n, (e, f) in raw_experiments.items()
+                   for spec in seed_partitions(_experiment(n, e, f, datasets), _seeds(n, e, f))}
     return Catalog(datasets, experiments, tuple(str(f) for f in files))
 
 
@@ -351,7 +362,8 @@ def _dataset(name: str, entry: dict, file: Path) -> DatasetSpec:
     # Paths are checked when the dataset is read, so the built-in study entries load on any machine.
     needs_path = {"emoset": "EmoSet-118K's folder (info.json, train.json, image/, annotation/)",
                   "emotic": "EMOTIC's image root (ade20k/, emodb_small/, framesdb/, mscoco/)",
-                  "webemo": "the folder holding WEBEmo's train25.txt and test25.txt"}
+                  "webemo": "the folder holding WEBEmo's train25.txt and test25.txt",
+                  "emotion6": "the Emotion6 folder holding images/ and ground_truth.txt"}
     if source in needs_path and not spec.path:
         e.fail(f"source {source} needs 'path': {needs_path[source]}", "path")
     if source == "emotic" and not spec.labels:
@@ -374,7 +386,38 @@ def _dataset(name: str, entry: dict, file: Path) -> DatasetSpec:
     return spec
 
 
-EXPERIMENT_KEYS = {f.name for f in fields(ExperimentSpec)} - {"name", "origin"}
+EXPERIMENT_KEYS = {f.name for f in fields(ExperimentSpec)} - {"name", "origin", "seed_group", "split_seed"} | {"seeds"}
+# `name@seed<N>`: '@' is not allowed in catalog names, so a seed partition never takes an experiment's name,
+# and Dagster allows it in partition keys (it refuses only '|', ',', '[', ']' and control characters).
+SEED_PARTITION_SEPARATOR = "@seed"
+
+
+def seed_partition_name(experiment: str, seed: int, first_seed: int) -> str:
+    """The first seed keeps the experiment's own name (its partition and history stay as they were)."""
+    return experiment if seed == first_seed else f"{experiment}{SEED_PARTITION_SEPARATOR}{seed}"
+
+
+def _seeds(name: str, entry: dict, file: Path) -> tuple[int, ...]:
+    """The `seeds` list, checked: distinct non-negative integers, and not together with `seed`."""
+    value = entry.get("seeds")
+    if value is None:
+        return ()
+    e = _Entry(file, f"experiments.{name}", {}, set())
+    if not isinstance(value, list) or not value or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in value):
+        e.fail(f"expected a non-empty list of non-negative integers, got {value!r}", "seeds", ["[0, 1, 2]"])
+    if len(set(value)) != len(value):
+        e.fail(f"{value!r} repeats a seed", "seeds")
+    if entry.get("seed") is not None:
+        e.fail("give either seed (one training) or seeds (one partition per training seed, all on the first seed's split)", "seeds")
+    return tuple(value)
+
+
+def seed_partitions(spec: ExperimentSpec, seeds: tuple[int, ...]) -> list[ExperimentSpec]:
+    """One experiment per training seed (one partition each), all split with the first seed; [spec] without seeds."""
+    if not seeds:
+        return [spec]
+    return [replace(spec, name=seed_partition_name(spec.name, seed, seeds[0]), seed=seed,
+                                seed_group=spec.name, split_seed=seeds[0]) for seed in seeds]
 
 
 def _head_hidden(e: _Entry) -> int | tuple[int, ...]:

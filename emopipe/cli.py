@@ -2,7 +2,9 @@
 
     emopipe run [EXPERIMENT]                 the main job for one experiment partition (default: demo)
     emopipe trace EXPERIMENT [--metric M] [--verify] [--full]
+    emopipe report EXPERIMENT [--out PATH]   one self-contained HTML file: numbers, plots, lineage (prints its path)
     emopipe experiments                      list the catalog's experiments
+    emopipe compare [EXPERIMENT ...] [--dataset D] [--part test] [--format md|csv|latex|json] [--paired]
     emopipe doctor [--fix]                   runs whose process is gone (killed): mark failed, free pool slots
 """
 
@@ -30,14 +32,30 @@ def main(argv: list[str] | None = None) -> int:
     trace.add_argument("--verify", action="store_true", help="recompute every fingerprint and hash; exit 1 on a mismatch")
     trace.add_argument("--full", action="store_true", help="with --verify: hash every image file, not a sample")
     sub.add_parser("experiments", help="list the experiments of the catalog (built-in + EMOPIPE_CATALOG)")
+    report = sub.add_parser("report", help="write a self-contained HTML report of the experiment's evaluated model")
+    report.add_argument("experiment")
+    report.add_argument("--out", help="the HTML file to write (default: data/reports/<experiment>-<model_id[:12]>.html)")
+    compare = sub.add_parser("compare", help="the headline metrics of the models the experiments' latest evaluations "
+                             "recorded, side by side (seeds: each seed and mean ± std); --paired: A against B")
+    compare.add_argument("experiments", nargs="*", help="experiment partitions (a seeded experiment's name brings all its "
+                         "seeds; default: every experiment)")
+    compare.add_argument("--dataset", help="only this dataset (--paired: default the first experiment's dataset)")
+    compare.add_argument("--part", default="test", choices=("test", "val"))
+    compare.add_argument("--format", default="md", choices=("md", "csv", "latex", "json"))
+    compare.add_argument("--paired", action="store_true", help="two experiments: A − B in accuracy and macro-F1 on the "
+                         "same images (paired bootstrap, 10,000 resamples) and McNemar's exact test")
     args = parser.parse_args(argv)
     try:
+        if args.command == "compare":
+            return compare_experiments(args.experiments, args.dataset, args.part, args.format, args.paired)
         if args.command == "run":
             return run_experiment(args.experiment, args.verbose)
         if args.command == "doctor":
             return doctor(args.fix)
         if args.command == "trace":
             return trace_experiment(args.experiment, args.metric, args.verify, args.full)
+        if args.command == "report":
+            return report_experiment(args.experiment, args.out)
         return list_experiments()
     except UserError as e:
         print(f"emopipe: {e}", file=sys.stderr)
@@ -46,10 +64,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def list_experiments() -> int:
     from emopipe.catalog import load_catalog
+    from emopipe.experiments_overview import experiments_overview, overview_lines
+    from emopipe.paths import db_path
 
-    catalog = load_catalog()
-    for name, exp in sorted(catalog.experiments.items()):
-        print(f"{name:24} dataset={exp.dataset:14} {exp.model} @{exp.image_size}px split={exp.split} ({exp.origin})")
+    overview = experiments_overview(load_catalog(), db_path(create_dir=False))
+    print("\n".join(overview_lines(overview)))
     return 0
 
 
@@ -111,15 +130,20 @@ def _execute(name: str, run_id: str, verbose: bool) -> None:
 
     from emopipe.assets.common import CATALOG
     from emopipe.dead_runs import HOST_TAG, PID_TAG
-    from emopipe.definitions import defs
+    from emopipe.definitions import CHECK_STEPS, defs, steps_unused_by
     from emopipe.paths import data_dir, db_path
+    from emopipe.progress import show_bars
     from emopipe.run_console import step_lines
 
-    headline_metric = "mse" if CATALOG.experiment(name).task == "regression" else "accuracy"
+    exp = CATALOG.experiment(name)
+    headline_metric = "mse" if exp.task == "regression" else "accuracy"
     job = defs.resolve_job_def("main")
     run_config = {}
-    if not verbose:  # only what the steps log themselves: no Dagster engine events, no tracebacks
-        job, run_config = job.with_logger_defs({"step_lines": step_lines}), {"loggers": {"step_lines": {}}}
+    if not verbose:  # step lines and check verdicts: no Dagster engine events, no tracebacks
+        lines = {"hidden_steps": sorted(steps_unused_by(exp)), "check_steps": sorted(CHECK_STEPS)}
+        job, run_config = job.with_logger_defs({"step_lines": step_lines}), {"loggers": {"step_lines": {"config": lines}}}
+        if sys.stderr.isatty():
+            show_bars(sys.stderr)
     with dg.DagsterInstance.get() as instance:
         result = job.execute_in_process(partition_key=name, instance=instance, raise_on_error=False, run_id=run_id,
                                         run_config=run_config, tags={PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()})
@@ -135,20 +159,29 @@ def _execute(name: str, run_id: str, verbose: bool) -> None:
         print(f"emopipe: run {result.run_id} failed; its logs are in the UI (see below)", file=sys.stderr)
         _print_where(data_dir(), db_path(), name)
         sys.exit(1)
-    print(f"\nemopipe: experiment {name!r} materialized (run {result.run_id}).\n")
+    print(f"\nemopipe: experiment {name!r} materialized (run {result.run_id}).")
     headline = None
     for event in result.get_asset_materialization_events():
-        mat = event.event_specific_data.materialization
-        shown = {k: v.value for k, v in mat.metadata.items() if k in SUMMARY_KEYS}
-        print(f"  {mat.asset_key.to_user_string():16} " + ", ".join(f"{k}={_short(v)}" for k, v in shown.items()))
-        if "headline" in mat.metadata:
-            headline = mat.metadata["headline"].value
+        metadata = event.event_specific_data.materialization.metadata
+        if "headline" in metadata:
+            headline = metadata["headline"].value
     if headline:
         print(f"\n{headline}\n")
         print(f"Trace a number to its images:  emopipe trace {name} --metric {headline_metric} --verify\n")
         trace_experiment(name, headline_metric, verify=False, full=False)
+        report = _write_run_report(result, exp)
+        print(f"\nReport (one HTML file, heatmaps and lineage included): {report}")
     _print_where(data_dir(), db_path(), name)
     sys.exit(0)
+
+
+def _write_run_report(result, exp):
+    """The report of the model this run evaluated, written again now that explanations ran after evaluation."""
+    from emopipe.core.report import write_report
+    from emopipe.paths import objects_dir
+
+    model_id = result.output_for_node("evaluation")["model_id"]
+    return write_report(_database(), exp, model_id=model_id, chosen_by=f"run {result.run_id}", objects_root=objects_dir())
 
 
 def _is_user_error(event) -> bool:
@@ -184,14 +217,6 @@ def doctor(fix: bool) -> int:
     return 1
 
 
-SUMMARY_KEYS = ("n_images", "n_kept", "n_removed", "n_train", "n_val", "n_test", "split_id", "model_id", "best_epoch", "device", "fingerprint")
-
-
-def _short(value) -> str:
-    text = str(value)
-    return text[:16] if len(text) == 64 else text
-
-
 def _print_where(data, db, name: str) -> None:
     print(f"\nResults: {data} (DuckDB: {db})")
     print(f"UI:      DAGSTER_HOME=$PWD dagster dev   (then open http://127.0.0.1:3000, asset partition {name!r})")
@@ -216,6 +241,73 @@ def trace_experiment(name: str, metric: str | None, verify: bool, full: bool) ->
         return 1
     print(f"\nverified: every number, fingerprint and hash above recomputed from the stored data matches ({hashed})")
     return 0
+
+
+def report_experiment(name: str, out: str | None) -> int:
+    """Write the HTML report (core/report.py) of the model the latest evaluation materialization recorded in
+    the project's Dagster instance, or of the newest metrics rows' model when there is none; print its path."""
+    from pathlib import Path
+
+    from emopipe.catalog import load_catalog
+    from emopipe.core.report import write_report
+
+    exp = load_catalog().experiment(name)  # an unknown name answers before Dagster loads
+    os.environ.setdefault("DAGSTER_HOME", str(PROJECT_DIR))  # the instance `emopipe run` records its runs in
+    import dagster as dg
+
+    with dg.DagsterInstance.get() as instance:
+        records = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=dg.AssetKey("evaluation"), asset_partitions=[name]), limit=1).records
+    recorded = records[0].asset_materialization.metadata.get("model_id") if records else None
+    model_id = recorded.value if recorded else None
+    chosen_by = f"the model the latest evaluation materialization recorded (Dagster instance {os.environ['DAGSTER_HOME']})"
+    print(write_report(_database(), exp, model_id=model_id, chosen_by=chosen_by, path=Path(out) if out else None))
+    return 0
+
+
+def compare_experiments(names: list[str], dataset: str | None, part: str, fmt: str, paired: bool) -> int:
+    """Print the comparison (core/compare.py) of the models the latest evaluation materialization of each
+    experiment partition recorded in the project's Dagster instance; a partition without one gets a note."""
+    from emopipe.catalog import load_catalog
+    from emopipe.core.compare import CompareError, comparison, paired_comparison, partitions_to_compare, render
+
+    catalog = load_catalog()
+    if paired and len(names) != 2:
+        raise CompareError(f"--paired compares two experiments (A B), got {len(names)}")
+    partitions = [catalog.experiment(n).name for n in names] if paired else partitions_to_compare(catalog, names)
+    models = _recorded_models(partitions)
+    if paired:
+        missing = [n for n in partitions if models[n] is None]
+        if missing:
+            raise CompareError(f"no evaluation materialization recorded for {', '.join(missing)} in the Dagster instance "
+                               f"{os.environ['DAGSTER_HOME']}: run `emopipe run {missing[0]}` first")
+        a, b = (catalog.experiment(n) for n in partitions)
+        if "regression" in (a.task, b.task):
+            raise CompareError(f"--paired compares classifiers; {a.name if a.task == 'regression' else b.name} is a regression experiment")
+        table = paired_comparison(_database(), name_a=a.name, model_a=models[a.name], name_b=b.name, model_b=models[b.name],
+                                  dataset=dataset or a.dataset, part=part)
+    else:
+        table = comparison(_database(), models, catalog.experiments, dataset=dataset, part=part)
+    print(render(table, fmt), end="")
+    if fmt == "csv":  # the notes would break the CSV
+        for note in table.notes:
+            print(f"emopipe: {note}", file=sys.stderr)
+    return 0
+
+
+def _recorded_models(partitions: list[str]) -> dict[str, str | None]:
+    """{partition: the model_id its latest evaluation materialization recorded, or None}."""
+    os.environ.setdefault("DAGSTER_HOME", str(PROJECT_DIR))  # the instance `emopipe run` records its runs in
+    import dagster as dg
+
+    models = {}
+    with dg.DagsterInstance.get() as instance:
+        for name in partitions:
+            records = instance.fetch_materializations(
+                dg.AssetRecordsFilter(asset_key=dg.AssetKey("evaluation"), asset_partitions=[name]), limit=1).records
+            recorded = records[0].asset_materialization.metadata.get("model_id") if records else None
+            models[name] = recorded.value if recorded else None
+    return models
 
 
 def _database():

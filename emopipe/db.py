@@ -91,8 +91,11 @@ CREATE TABLE IF NOT EXISTS split_runs (
     scheme VARCHAR, ratios JSON, seed INTEGER, filter_id VARCHAR, filter_params_hash VARCHAR,
     input_fingerprint VARCHAR, counts JSON, fingerprint VARCHAR,
     created_at TIMESTAMP DEFAULT current_timestamp,
+    notes JSON,                         -- why a class has no image in a part (core/splits.py); NULL: made before
     PRIMARY KEY (split_id, experiment)
 );
+-- Database files made before split_runs.notes existed get the column (last, as in a new file).
+ALTER TABLE split_runs ADD COLUMN IF NOT EXISTS notes JSON;
 CREATE TABLE IF NOT EXISTS models (
     model_id VARCHAR NOT NULL,          -- sha256 of the checkpoint file
     experiment VARCHAR NOT NULL, split_id VARCHAR NOT NULL, split_fingerprint VARCHAR,
@@ -107,6 +110,10 @@ CREATE TABLE IF NOT EXISTS metrics (
     dataset VARCHAR NOT NULL, part VARCHAR NOT NULL, metric VARCHAR NOT NULL, class VARCHAR,
     value DOUBLE, ci_low DOUBLE, ci_high DOUBLE, n INTEGER,
     created_at TIMESTAMP DEFAULT current_timestamp
+);
+CREATE TABLE IF NOT EXISTS evaluation_inputs (  -- what each stored evaluation was computed from (core/evaluation.py)
+    experiment VARCHAR NOT NULL, model_id VARCHAR NOT NULL, dataset VARCHAR NOT NULL, part VARCHAR NOT NULL,
+    inputs_key VARCHAR NOT NULL, PRIMARY KEY (experiment, model_id, dataset, part)
 );
 CREATE TABLE IF NOT EXISTS predictions (
     model_id VARCHAR NOT NULL, dataset VARCHAR NOT NULL, image_id VARCHAR NOT NULL, part VARCHAR,

@@ -22,6 +22,9 @@ datasets:
     source: synthetic
     n_per_class: 6
     seed: 7
+  wiring_copies:
+    source: folder
+    path: wiring_copies        # beside the catalog file
 experiments:
   wiring: &wiring
     dataset: wiring
@@ -37,6 +40,10 @@ experiments:
     <<: *wiring
     explain_per_class: 0
     tune: {population: 2, perturbation_interval: 1, epochs: 2}
+  wiring_leakage:              # test_leakage.py fills wiring_copies with copies of wiring's images before it runs
+    <<: *wiring
+    explain_per_class: 0
+    eval_datasets: [wiring_copies]
 """
 if "EMOPIPE_CATALOG" not in os.environ:
     _catalog = Path(tempfile.mkdtemp(prefix="emopipe-test-catalog-")) / "catalog.yaml"

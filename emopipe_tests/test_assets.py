@@ -1,6 +1,8 @@
 """The asset wiring, in this process: `dg.materialize` of the whole chain for one small experiment
 partition (conftest's `wiring`), against a temp data dir and DuckDB file, then one asset again."""
 
+import collections
+
 import dagster as dg
 import duckdb
 import pytest
@@ -56,3 +58,59 @@ def test_evaluation_alone_reads_the_recorded_model(chain):
     assert again.success
     assert query(db, "SELECT count(*) FROM models")[0][0] == 1  # nothing trained again
     assert again.output_for_node("evaluation")["model_id"] == query(db, "SELECT model_id FROM models")[0][0]
+
+
+def _counted(monkeypatch, module, name: str, calls: collections.Counter) -> None:
+    real = getattr(module, name)
+
+    def counted(*args, **kwargs):
+        calls[name] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counted)
+
+
+def test_a_second_run_reuses_evaluation_and_explanations_until_an_input_changes(chain, monkeypatch):
+    import emopipe.core.explanations as explanations_core
+    import emopipe.core.trained_model as trained_model_core
+
+    materialize, db, first = chain
+    assert first.success
+    calls = collections.Counter()
+    _counted(monkeypatch, trained_model_core, "predict", calls)
+    _counted(monkeypatch, explanations_core, "explain", calls)
+    metric_rows = "SELECT dataset, part, metric, class, value, ci_low, ci_high, n FROM metrics ORDER BY ALL"
+    before = query(db, metric_rows)
+
+    again = materialize(["evaluation", "explanations"])
+    assert again.success
+    assert calls == {}  # no image predicted, no heatmap drawn
+    assert query(db, metric_rows) == before
+    metadata = {e.asset_key.to_user_string(): e.event_specific_data.materialization.metadata
+                for e in again.get_asset_materialization_events()}
+    assert metadata["evaluation"]["reused"].value == ["wiring/test", "wiring/val"]
+    assert metadata["explanations"]["reused"].value is True
+    assert again.output_for_node("explanations") == first.output_for_node("explanations")
+
+    # An evaluation stored from other inputs (here: its recorded key no longer matches) is computed again.
+    with duckdb.connect(str(db)) as conn:
+        conn.execute("UPDATE evaluation_inputs SET inputs_key = 'older inputs' WHERE part = 'val'")
+    assert materialize(["evaluation"]).success
+    assert calls == {"predict": 1}
+    assert query(db, metric_rows) == before
+
+
+def test_all_experiments_shows_the_models_the_evaluations_recorded(chain):
+    materialize, db, first = chain
+    assert first.success
+    # A newer model's rows of the same experiment: the table keeps showing the recorded model.
+    with duckdb.connect(str(db)) as conn:
+        conn.execute("INSERT INTO metrics (experiment, model_id, split_id, dataset, part, metric, value, n) "
+                     "VALUES ('wiring', 'a_newer_model', 's', 'wiring', 'test', 'accuracy', 0.123, 5)")
+    again = materialize(["evaluation"])
+    [event] = [e for e in again.get_asset_materialization_events() if e.asset_key.to_user_string() == "evaluation"]
+    table = event.event_specific_data.materialization.metadata["all_experiments"].value
+    lines = [record.data for record in table.records]
+    model_id = again.output_for_node("evaluation")["model_id"]
+    assert {(line["experiment"], line["model"]) for line in lines} == {("wiring", model_id[:12])}
+    assert 0.123 not in {line["accuracy"] for line in lines}

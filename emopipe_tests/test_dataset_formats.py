@@ -362,7 +362,7 @@ def test_builtin_study_entries():
     sources = {name: catalog.dataset(name).source for name in
                ("emoset", "emoset_parquet", "fi", "fi_urls", "emotic", "webemo", "unbiasedemo", "emotion6")}
     assert sources == {"emoset": "emoset", "emoset_parquet": "parquet", "fi": "folder", "fi_urls": "url_list",
-                       "emotic": "emotic", "webemo": "webemo", "unbiasedemo": "folder", "emotion6": "folder"}
+                       "emotic": "emotic", "webemo": "webemo", "unbiasedemo": "folder", "emotion6": "emotion6"}
     references = {}
     for name in ("emoset_vit", "fi_resnet32", "fi_probe32", "fi_probe32_lr1e4", "fi_fractalnet32", "emotic_bbox_vad",
                  "webemo_sadness_b0", "webemo_sadness_b2",

@@ -100,6 +100,8 @@ def lineage(db, data_dir, photos):
     # a cross-dataset test set with its own labels, mapped to ours; 'calm' maps to nothing
     other_blobs = [encode(np.ascontiguousarray(photos["chelsea"][16 * i:16 * i + 16, :16])) for i in range(4)]
     other = _store(db, "other", other_blobs, ["scared", "sad", "calm", "sad"])
+    # its 32 px arrays, as images_32 builds them for every dataset: verify looks again for copies of training images
+    build_arrays(db, other, 32, objects_root=objects_dir(), arrays_root=data_dir / "arrays", workers=1, log=lambda _: None)
     write_evaluation(db, experiment=EXPERIMENT, model_id=model_id, split_id=split.split_id, dataset="other", part="test",
                      image_ids=other, labels=["scared", "sad", "calm", "sad"], scores=rng.dirichlet(np.ones(3), 4),
                      classes=CLASSES, class_map={"scared": "fear", "sad": "sadness"})

@@ -1,4 +1,4 @@
-"""Cheap versions of the datasets that can change behind emopipe's back (folder and url_list), and the
+"""Cheap versions of the datasets that can change behind emopipe's back (folder, emotion6, url_list), and the
 experiments a change affects. The new-data sensor (emopipe/automation.py) compares them tick by tick.
 
 A folder's version comes from its listing (path, label, attributes, size, mtime of every item), so
@@ -21,7 +21,8 @@ from emopipe.core.sources import catalog_path, list_items
 from emopipe.errors import UserError
 from emopipe.fingerprint import rows_fingerprint, sha256_bytes, sha256_file
 
-OBSERVED_SOURCES = ("folder", "url_list")
+# emotion6: its folder plus ground_truth.txt, versioned by its listing as a folder is (ratings are attributes).
+OBSERVED_SOURCES = ("folder", "url_list", "emotion6")
 
 
 def observed_datasets(catalog: Catalog) -> list[str]:
@@ -32,7 +33,7 @@ def observed_datasets(catalog: Catalog) -> list[str]:
 
 def dataset_version(spec: DatasetSpec, timeout: float = 20.0) -> str:
     """The dataset's current version; SourceError when it cannot be read (folder gone, URL down)."""
-    if spec.source == "folder":
+    if spec.source in ("folder", "emotion6"):
         # A folder listing never touches the work dir (only archives are downloaded there).
         items = list_items(spec, work_dir=Path("."))
         return rows_fingerprint((i.uri, i.label, json.dumps(i.attributes, sort_keys=True), *_size_mtime(i.uri)) for i in items)

@@ -2,7 +2,7 @@
 
 Pure functions first (`classification_metrics`, `regression_metrics`, `bootstrap_ci`), then the
 writer (`write_evaluation`: one transaction, idempotent) and the views (`headline_markdown`,
-`confusion_png`, `comparison_markdown`).
+`confusion_png`; side-by-side comparisons are in core/compare.py).
 
 Plain numpy, not scikit-learn: it is not installed, and every metric here is a few lines over a
 confusion matrix, which also lets the bootstrap compute all resamples at once (a batched bincount).
@@ -24,9 +24,11 @@ import numpy as np
 import pyarrow as pa
 
 from emopipe.atomic import atomic_write
-from emopipe.catalog import ExperimentSpec, Reference
+from emopipe.core.calibration import calibration_bins, expected_calibration_error, probabilities
+from emopipe.catalog import Reference
 from emopipe.db import Database
 from emopipe.errors import UserError
+from emopipe.fingerprint import params_hash, rows_fingerprint
 from emopipe.markdown import markdown_table
 
 BOOTSTRAP_RESAMPLES = 1000
@@ -35,6 +37,8 @@ CI_LEVEL = 0.95
 TOP_K = (2, 3, 5)  # reported where k < number of classes (top-k over all classes is always 1)
 # Resampled indices are drawn in chunks of about this many elements (8 bytes each), bounding memory.
 _CHUNK_ELEMENTS = 4_000_000
+# Bump when a metric's definition changes: stored evaluations made by the older code are then recomputed.
+METRICS_VERSION = 3  # 3: distribution metrics for soft-label experiments
 # Metrics whose stored value is a fraction but whose reference (and table cell) is in percent.
 _PERCENT = ("accuracy",)
 
@@ -83,7 +87,7 @@ def bootstrap_ci(
 
 def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, n_classes: int) -> np.ndarray:
     """Counts (n_classes, n_classes): rows are true classes, columns predicted ones."""
-    return _confusion_batch(np.asarray(labels)[None], np.asarray(predicted)[None], n_classes)[0]
+    return confusion_batch(np.asarray(labels)[None], np.asarray(predicted)[None], n_classes)[0]
 
 
 def row_normalized(matrix: np.ndarray) -> np.ndarray:
@@ -92,7 +96,7 @@ def row_normalized(matrix: np.ndarray) -> np.ndarray:
     return np.divide(matrix, totals, out=np.zeros(matrix.shape), where=totals > 0)
 
 
-def _confusion_batch(labels: np.ndarray, predicted: np.ndarray, c: int) -> np.ndarray:
+def confusion_batch(labels: np.ndarray, predicted: np.ndarray, c: int) -> np.ndarray:
     """(B, N) labels and predictions -> (B, C, C) confusion matrices in one bincount."""
     b = labels.shape[0]
     codes = (np.arange(b)[:, None] * c + labels) * c + predicted
@@ -106,7 +110,7 @@ def _f1_per_class(cm: np.ndarray) -> np.ndarray:
     return np.divide(2 * tp, denominator, out=np.zeros(tp.shape), where=denominator > 0)
 
 
-def _macro_f1(cm: np.ndarray) -> np.ndarray:
+def macro_f1_score(cm: np.ndarray) -> np.ndarray:
     """Mean F1 over the classes present in labels or predictions; works on (C, C) or (B, C, C)."""
     present = (cm.sum(-1) + cm.sum(-2)) > 0
     return (_f1_per_class(cm) * present).sum(-1) / present.sum(-1)
@@ -120,7 +124,9 @@ def classification_metrics(
     resamples: int = BOOTSTRAP_RESAMPLES,
     seed: int = BOOTSTRAP_SEED,
 ) -> list[MetricRow]:
-    """Accuracy, macro/weighted F1, top-k, per-class precision/recall/F1 and the confusion matrix.
+    """Accuracy, macro/weighted F1, top-k, per-class precision/recall/F1, calibration (ECE with a CI, and
+    per confidence bin `calibration_confidence` / `calibration_accuracy` rows, class "<low>-<high>"; see
+    core/calibration.py) and the confusion matrix.
 
     labels: (N,) class indices; scores: (N, C) probabilities or logits (argmax = prediction).
     Accuracy and macro-F1 carry bootstrap CIs (none when resamples is 0). Confusion cells are rows
@@ -144,8 +150,8 @@ def classification_metrics(
 
     rows = [
         MetricRow("accuracy", float(correct.mean()), None, *ci(lambda idx: correct[idx].mean(1)), n=n),
-        MetricRow("macro_f1", float(_macro_f1(cm)), None,
-                  *ci(lambda idx: _macro_f1(_confusion_batch(labels[idx], predicted[idx], c))), n=n),
+        MetricRow("macro_f1", float(macro_f1_score(cm)), None,
+                  *ci(lambda idx: macro_f1_score(confusion_batch(labels[idx], predicted[idx], c))), n=n),
         MetricRow("weighted_f1", float((f1 * support).sum() / n), n=n),
     ]
     # Stable sort: among tied scores the lower class index ranks first, as argmax does.
@@ -157,6 +163,12 @@ def classification_metrics(
     for i, name in enumerate(classes):
         rows += [MetricRow(metric, float(values[i]), name, n=int(support[i]))
                  for metric, values in (("precision", precision), ("recall", recall), ("f1", f1))]
+    confidence = probabilities(scores).max(1)
+    rows.append(MetricRow("ece", float(expected_calibration_error(confidence, correct)[0]), None,
+                          *ci(lambda idx: expected_calibration_error(confidence, correct, index=idx)), n=n))
+    rows += [row for b in calibration_bins(confidence, correct) for row in (
+        MetricRow("calibration_confidence", b.confidence, f"{b.low:.3f}-{b.high:.3f}", n=b.n),
+        MetricRow("calibration_accuracy", b.accuracy, f"{b.low:.3f}-{b.high:.3f}", n=b.n))]
     rates = row_normalized(cm)
     for i, true in enumerate(classes):
         for j, pred in enumerate(classes):
@@ -227,6 +239,58 @@ def target_groups(names: Sequence[str]) -> dict[str, list[int]]:
     return {g: cols for g, cols in groups.items() if len(cols) >= 2 and g not in names}
 
 
+# Predicted probabilities are clipped to at least this inside KL's log: a class the model all but rules
+# out while raters chose it costs log(p / 1e-8) ≈ 18 nats, not infinity.
+KL_EPSILON = 1e-8
+DISTRIBUTION_METRICS = ("kl_divergence", "bhattacharyya", "cosine_similarity", "top1_argmax")
+
+
+def distribution_metrics(
+    true: np.ndarray,
+    predicted: np.ndarray,
+    *,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+) -> list[MetricRow]:
+    """Means over images, with bootstrap CIs, of how well predicted class distributions match annotated ones:
+
+    - kl_divergence: KL(true ‖ predicted) = Σ p log(p / max(q, KL_EPSILON)), in nats (0 = identical; a term
+      with p = 0 is 0, scipy.special.rel_entr);
+    - bhattacharyya: the Bhattacharyya coefficient Σ sqrt(p q) (1 = identical, 0 = disjoint);
+    - cosine_similarity: p·q / (|p| |q|);
+    - top1_argmax: the predicted class (argmax of q) is the true distribution's most chosen class; where
+      classes tie for it, any of them counts. This can differ from `accuracy`, which is against the label.
+
+    true: (N, C) non-negative shares (or vote counts), normalized per row; a row with a NaN or no positive
+    share (an image without a distribution) is left out, and n counts the rows used (no rows: no metrics).
+    predicted: (N, C) probabilities, or logits (turned into probabilities by a softmax).
+    """
+    from scipy.special import rel_entr
+
+    p = np.asarray(true, dtype=np.float64)
+    q = probabilities(predicted)
+    if p.shape != q.shape:
+        raise ValueError(f"true {p.shape} and predicted {q.shape} distributions must have the same shape (N, C)")
+    totals = p.sum(1)
+    usable = np.isfinite(totals) & (totals > 0)
+    p, q = p[usable] / totals[usable, None], q[usable]
+    n = len(p)
+    if n == 0:
+        return []
+    per_image = {
+        "kl_divergence": rel_entr(p, np.maximum(q, KL_EPSILON)).sum(1),
+        "bhattacharyya": np.sqrt(p * q).sum(1),
+        "cosine_similarity": (p * q).sum(1) / (np.linalg.norm(p, axis=1) * np.linalg.norm(q, axis=1)),
+        "top1_argmax": (p[np.arange(n), q.argmax(1)] == p.max(1)).astype(np.float64),
+    }
+    rows = []
+    for metric, values in per_image.items():
+        ci = (bootstrap_ci(lambda idx: values[idx].mean(1), n, resamples=resamples, seed=seed)
+              if resamples > 0 else (None, None))
+        rows.append(MetricRow(metric, float(values.mean()), None, *ci, n=n))
+    return rows
+
+
 def map_labels(labels: Sequence[str | None], classes: Sequence[str], class_map: Mapping[str, str] | None = None) -> np.ndarray:
     """Class index per label, -1 where the label maps to no class (excluded from the evaluation).
 
@@ -257,6 +321,42 @@ def evaluated_images(db: Database, dataset: str, split_id: str | None, part: str
             "WHERE s.split_id = ? AND s.part = ? ORDER BY i.image_id", [dataset, split_id, part]).fetchall()
 
 
+def evaluation_inputs_key(*, split_id: str | None, images: Sequence[tuple], task: str,
+                          class_map: Mapping[str, str] | None, resamples: int = BOOTSTRAP_RESAMPLES,
+                          seed: int = BOOTSTRAP_SEED, excluded: Sequence[str] = ()) -> str:
+    """What one (model, dataset, part) evaluation depends on besides the model: the split, the evaluated
+    images with their labels and attributes (evaluated_images' rows), the images left out as copies of
+    training images (`excluded`, core/leakage.py), the task, the class map, the bootstrap and the metrics
+    code. Equal keys give equal rows, so a stored evaluation is reused."""
+    # `excluded` enters only when there is one, so the keys of evaluations without any stay what they were.
+    left_out = {"excluded": rows_fingerprint((i,) for i in excluded)} if excluded else {}
+    return params_hash({"split_id": split_id, "images": rows_fingerprint(images), "task": task,
+                        "class_map": dict(class_map or {}), "resamples": resamples, "seed": seed,
+                        "metrics_version": METRICS_VERSION, **left_out})
+
+
+def stored_evaluation(db: Database, *, experiment: str, model_id: str, dataset: str, part: str,
+                      inputs_key: str) -> list[MetricRow] | None:
+    """The metric rows stored for this evaluation when they were computed from the same inputs, else None."""
+    with db.connect() as conn:
+        stored = conn.execute("SELECT inputs_key FROM evaluation_inputs WHERE experiment = ? AND model_id = ? AND dataset = ? "
+                              "AND part = ?", [experiment, model_id, dataset, part]).fetchall()
+        if not stored or stored[0][0] != inputs_key:
+            return None
+        rows = conn.execute("SELECT metric, value, class, ci_low, ci_high, n FROM metrics WHERE experiment = ? AND model_id = ? "
+                            "AND dataset = ? AND part = ? ORDER BY rowid", [experiment, model_id, dataset, part]).fetchall()
+    return [MetricRow(metric, value, class_name, low, high, n, dataset, part) for metric, value, class_name, low, high, n in rows] or None
+
+
+def model_outputs(db: Database, model_id: str) -> list[str]:
+    """The class names (classification) or target names (regression) of a stored model, in output order."""
+    with db.connect() as conn:
+        found = conn.execute("SELECT classes FROM models WHERE model_id = ? LIMIT 1", [model_id]).fetchall()
+    if not found:
+        raise EvaluationError(f"model {model_id} has no models row: materialize trained_model again")
+    return json.loads(found[0][0])
+
+
 def write_evaluation(
     db: Database,
     *,
@@ -273,16 +373,26 @@ def write_evaluation(
     class_map: Mapping[str, str] | None = None,
     resamples: int = BOOTSTRAP_RESAMPLES,
     seed: int = BOOTSTRAP_SEED,
+    inputs_key: str | None = None,
+    excluded_overlap: int = 0,
+    distributions: np.ndarray | None = None,
 ) -> list[MetricRow]:
     """Compute the metrics of one (dataset, part) and store them with one predictions row per image.
 
     classification: labels are the dataset's label strings (mapped by class_map, see map_labels;
     unmapped images are excluded and counted in an `excluded` row), scores (N, C) over `classes`.
     regression: labels are (N, T) targets, scores (N, T) outputs, classes the target names.
-    Replaces earlier rows of the same (experiment, model_id, dataset, part) in one transaction.
+    excluded_overlap: images the caller left out as copies of the model's train/val images
+    (core/leakage.py), stored as an `excluded_overlap` row when nonzero.
+    distributions: (N, C) annotated class distributions over `classes` (soft labels), aligned with image_ids
+    (classification only; NaN rows for images without one): adds distribution_metrics over the evaluated images.
+    Replaces earlier rows of the same (experiment, model_id, dataset, part) in one transaction, and records
+    `inputs_key` (evaluation_inputs_key) so that stored_evaluation can reuse them.
     """
     if len(set(image_ids)) != len(image_ids) or len(labels) != len(image_ids) or len(scores) != len(image_ids):
         raise ValueError("image_ids must be unique and as many as labels and scores")
+    if distributions is not None and task != "classification":
+        raise ValueError("distributions are class distributions: classification only")
     # Sorted by image_id, so the stored rows and the bootstrap CIs depend on the set, not its order.
     order = sorted(range(len(image_ids)), key=image_ids.__getitem__)
     ids = [image_ids[i] for i in order]
@@ -299,6 +409,11 @@ def write_evaluation(
             raise EvaluationError(f"experiment {experiment}: no image of dataset {dataset} ({part}) has a label among "
                                   f"{list(classes)}; declare a class_map for it in eval_datasets")
         rows = classification_metrics(label_index[keep], values[keep], classes, resamples=resamples, seed=seed)
+        if distributions is not None:
+            true = np.asarray(distributions, dtype=np.float64)
+            if true.shape != values.shape:
+                raise ValueError(f"distributions {true.shape} must be (N, C) like scores {values.shape}")
+            rows += distribution_metrics(true[order][keep], values[keep], resamples=resamples, seed=seed)
         excluded = int((~keep).sum())
         if excluded:
             rows.append(MetricRow("excluded", float(excluded), n=excluded))
@@ -313,15 +428,18 @@ def write_evaluation(
         predicted_text = score_json = [_json_object(classes, row) for row in values]
     else:
         raise ValueError(f"task must be classification or regression, not {task!r}")
+    if excluded_overlap:
+        rows.append(MetricRow("excluded_overlap", float(excluded_overlap), n=excluded_overlap))
     rows = [replace(r, dataset=dataset, part=part) for r in rows]
 
     _replace_rows(db, rows, experiment=experiment, model_id=model_id, split_id=split_id, dataset=dataset, part=part,
-                  image_ids=ids, labels=label_text, predicted=predicted_text, scores=score_json)
+                  image_ids=ids, labels=label_text, predicted=predicted_text, scores=score_json, inputs_key=inputs_key)
     return rows
 
 
 def _replace_rows(db: Database, rows: list[MetricRow], *, experiment: str, model_id: str, split_id: str, dataset: str,
-                  part: str, image_ids: list[str], labels: list[str], predicted: list[str], scores: list[str]) -> None:
+                  part: str, image_ids: list[str], labels: list[str], predicted: list[str], scores: list[str],
+                  inputs_key: str | None) -> None:
     """The (experiment, model, dataset, part)'s metrics and predictions rows, replaced in one transaction
     from Arrow tables."""
     metric_table = pa.table({
@@ -339,6 +457,10 @@ def _replace_rows(db: Database, rows: list[MetricRow], *, experiment: str, model
         conn.execute("DELETE FROM metrics WHERE experiment = ? AND model_id = ? AND dataset = ? AND part = ?",
                      [experiment, model_id, dataset, part])
         conn.execute("DELETE FROM predictions WHERE model_id = ? AND dataset = ? AND part = ?", [model_id, dataset, part])
+        conn.execute("DELETE FROM evaluation_inputs WHERE experiment = ? AND model_id = ? AND dataset = ? AND part = ?",
+                     [experiment, model_id, dataset, part])
+        if inputs_key is not None:
+            conn.execute("INSERT INTO evaluation_inputs VALUES (?, ?, ?, ?, ?)", [experiment, model_id, dataset, part, inputs_key])
         for name, table, columns in (
             ("metrics", metric_table, "experiment, model_id, split_id, dataset, part, metric, class, value, ci_low, ci_high, n"),
             ("predictions", prediction_table, "model_id, dataset, image_id, part, label, predicted, scores"),
@@ -394,7 +516,7 @@ def _reference_cells(reference: Reference | None, values: Mapping[str, float | N
 
 
 _HEADLINE = (("accuracy", "accuracy % [95 % CI]"), ("macro_f1", "macro-F1 [95 % CI]"),
-             ("mse", "MSE [95 % CI]"), ("mae", "MAE [95 % CI]"))
+             ("mse", "MSE [95 % CI]"), ("mae", "MAE [95 % CI]"), ("kl_divergence", "KL [95 % CI]"))
 
 
 def headline_markdown(
@@ -425,6 +547,8 @@ def headline_markdown(
         lines.append(cells)
     excluded = [(d, p, r.value) for (d, p, m), r in overall.items() if m == "excluded" and r.value > 0]
     notes = [f"{d} ({p}): {int(v)} images excluded (their label maps to no class)" for d, p, v in excluded]
+    overlapping = [(d, p, r.value) for (d, p, m), r in overall.items() if m == "excluded_overlap" and r.value > 0]
+    notes += [f"{d} ({p}): {int(v)} images excluded: copies or near-duplicates of training images" for d, p, v in overlapping]
     # A blank line ends the table: a plain line right below it would render as one more row.
     return markdown_table(header, lines) + "".join(f"\n\n{note}" for note in notes) + "\n"
 
@@ -459,37 +583,3 @@ def confusion_png(matrix: np.ndarray, classes: Sequence[str], path: str | os.Pat
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda f: fig.savefig(f, format="png"))  # a reader never sees a half-written PNG
     return path
-
-
-def comparison_markdown(db: Database, experiments: Mapping[str, ExperimentSpec] | None = None) -> str:
-    """One line per (experiment, dataset, part) for each experiment's latest evaluated model.
-
-    experiments (the catalog's): each one's reference is shown beside the test part of its dataset.
-    """
-    with db.connect() as conn:
-        found = conn.execute("""
-            WITH latest AS (
-                SELECT experiment, arg_max(model_id, created_at) AS model_id FROM metrics GROUP BY experiment)
-            SELECT experiment, dataset, part, model_id, split_id, metric, value, ci_low, ci_high, n
-            FROM metrics JOIN latest USING (experiment, model_id)
-            WHERE class IS NULL AND metric IN ('accuracy', 'macro_f1', 'mse', 'mae')
-            ORDER BY experiment, dataset, part DESC
-        """).fetchall()
-    table: dict[tuple, dict] = {}
-    for experiment, dataset, part, model_id, split_id, metric, value, low, high, n in found:
-        line = table.setdefault((experiment, dataset, part), {"model": model_id, "split": split_id, "n": n})
-        line[metric] = (value, low, high)
-    columns = [(m, title) for m, title in _HEADLINE if any(m in line for line in table.values())]
-    experiments = experiments or {}
-    header = ["experiment", "dataset", "part", "model", "split", "n", *(t for _, t in columns), "reference", "difference"]
-    lines = []
-    for (experiment, dataset, part), line in table.items():
-        cells = [experiment, dataset, part, line["model"][:12], line["split"][:12], str(line["n"])]
-        cells += [_cell(m, *line[m]) if m in line else "—" for m, _ in columns]
-        spec = experiments.get(experiment)
-        shown = spec.reference if spec and dataset == spec.dataset and part == "test" else None
-        cells += list(_reference_cells(shown, {m: line[m][0] for m, _ in columns if m in line}))
-        lines.append(cells)
-    if not table:
-        return "No experiment has been evaluated yet.\n"
-    return markdown_table(header, lines) + "\n"

@@ -21,6 +21,9 @@ How a ratio split ("70/15/15", any "a/b/c" summing to 100) is made:
 - Small classes. A class whose targets leave a part with a nonzero share empty (e.g. 4 images at
   70/15/15), or with fewer groups than parts to fill, is kept whole in train (its images still
   teach the model), and `SplitResult.small_classes` says so: val/test then lack that class.
+  `SplitResult.notes` says why any other class has no image in a part with a share (its groups are
+  split as another class, or one is larger than the part's target). Both are stored with the split
+  (`split_runs.notes`), so a step that finds a part empty can say why.
 - Zero shares. "a/b/c" must sum to 100 with a > 0; b or c may be 0 ("90/10/0": no test part, e.g.
   when only cross-dataset test sets are used; "85/0/15": no validation part, so no early stopping).
 
@@ -56,6 +59,9 @@ from emopipe.fingerprint import strictly_increasing, table_fingerprint
 PARTS = ("train", "val", "test")
 NO_LABEL = "(no label)"
 OFFICIAL_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+# Hashes at most this many bits apart are near-duplicates: what the split groups, and what evaluation
+# leaves out of a cross-dataset test set (core/leakage.py).
+NEAR_DUPLICATE_DISTANCE = 4
 
 
 class SplitError(UserError):
@@ -79,7 +85,7 @@ def parse_scheme(scheme: str) -> tuple[int, int, int] | None:
 # ---------------------------------------------------------------------------------------------
 # Near-duplicates
 
-def duplicate_groups(image_ids: list[str], hashes: np.ndarray, max_distance: int = 4) -> dict[str, str]:
+def duplicate_groups(image_ids: list[str], hashes: np.ndarray, max_distance: int = NEAR_DUPLICATE_DISTANCE) -> dict[str, str]:
     """image_id -> group key (the smallest image_id of its group), for every given image.
 
     Images whose hashes differ in at most `max_distance` bits are linked, and linked images form
@@ -104,6 +110,24 @@ def duplicate_groups(image_ids: list[str], hashes: np.ndarray, max_distance: int
     smallest = np.empty(component.max() + 1 if len(component) else 0, dtype=object)
     smallest[components_sorted] = ids[order[first]]
     return dict(zip(image_ids, smallest[component].tolist()))
+
+
+def near_any(query: np.ndarray, reference: np.ndarray, max_distance: int = NEAR_DUPLICATE_DISTANCE) -> np.ndarray:
+    """(len(query),) bool: whether each query hash is within `max_distance` bits of some reference hash
+    (an equal hash included), by the same band LSH as duplicate_groups. Direct matches only: a query image
+    is not flagged through a chain of other query images."""
+    if not 0 <= max_distance < 64:
+        raise ValueError(f"max_distance must be in 0..63, got {max_distance}")
+    both = np.concatenate([np.asarray(query, np.uint64), np.asarray(reference, np.uint64)])
+    unique, which = np.unique(both, return_inverse=True)
+    is_reference = np.zeros(len(unique), bool)
+    is_reference[which[len(query):]] = True
+    near = is_reference.copy()
+    if max_distance and len(unique) > 1:
+        i, j = _close_pairs(unique, max_distance).T
+        np.logical_or.at(near, i, is_reference[j])
+        np.logical_or.at(near, j, is_reference[i])
+    return near[which[:len(query)]]
 
 
 def _close_pairs(unique: np.ndarray, max_distance: int) -> np.ndarray:
@@ -148,7 +172,7 @@ class SplitResult:
     n_images: int
     n_groups_merged: int  # near-duplicate groups of 2+ filtered images
     small_classes: list[str] = field(default_factory=list)  # one message per class kept in train
-    notes: list[str] = field(default_factory=list)  # other things a reader should know
+    notes: list[str] = field(default_factory=list)  # other things a reader should know, e.g. why a part lacks a class
     markdown: str = ""
 
 
@@ -195,10 +219,11 @@ def make_split(
             # Keyed by (split_id, experiment): a re-run replaces its row instead of adding one.
             conn.execute(
                 """INSERT OR REPLACE INTO split_runs (split_id, experiment, dataset, scheme, ratios, seed, filter_id,
-                       filter_params_hash, input_fingerprint, counts, fingerprint)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                       filter_params_hash, input_fingerprint, counts, fingerprint, notes)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
                 [split_id, experiment, dataset, scheme, json.dumps(ratios and list(ratios)), seed, filter_id,
-                 filter_params_hash, input_fingerprint, json.dumps(done.counts, sort_keys=True), split_id],
+                 filter_params_hash, input_fingerprint, json.dumps(done.counts, sort_keys=True), split_id,
+                 json.dumps(done.small_classes + done.notes)],
             )
     return SplitResult(
         split_id=split_id, fingerprint=split_id, scheme=scheme, ratios=ratios, seed=seed,
@@ -236,6 +261,26 @@ def recomputed_split_id(db: Database, *, dataset: str, filter_id: str, scheme: s
     return table_fingerprint(rows.select(["image_id", "part"]))
 
 
+def empty_part_cause(conn, split_id: str, experiment: str, part: str) -> str:
+    """Why the stored split `split_id` has no `part` image, and what to do, from its split_runs row
+    (the experiment's own row first: a split shared by experiments has one row each)."""
+    row = conn.execute("SELECT scheme, ratios, notes FROM split_runs WHERE split_id = ? ORDER BY experiment <> ? LIMIT 1",
+                       [split_id, experiment]).fetchone()
+    if row is None:
+        return "materialize splits for it first"
+    scheme, ratios, notes = row[0], json.loads(row[1] or "null"), json.loads(row[2] or "null")
+    key = f"experiments.{experiment}.split"
+    if ratios and not ratios[PARTS.index(part)]:
+        return f"its scheme {scheme} gives {part} no share; set {key} to a scheme that does (e.g. 70/15/15)"
+    if notes is None:
+        return "the split was stored before emopipe recorded why; materialize splits again to see the cause"
+    if not notes:
+        return f"its scheme {scheme} put no image there; set {key} to a scheme that does (e.g. 70/15/15)"
+    shown = "; ".join(notes[:3]) + (f" (and {len(notes) - 3} more in split_runs.notes)" if len(notes) > 3 else "")
+    return (f"{shown}. Add images of these classes that are not near-duplicates of each other, or set {key} "
+            f"(now {scheme}) to a scheme they can fill")
+
+
 def assign_parts(
     items: pa.Table, groups: dict[str, str] | None, ratios: tuple[int, int, int] | None, seed: int
 ) -> Assignment:
@@ -254,8 +299,9 @@ def assign_parts(
         # Sorted here (in parallel), so that the fingerprints need not sort.
         rows = conn.sql("SELECT image_id, label, key, official, part FROM assigned ORDER BY image_id").to_arrow_table()
         n_merged = conn.execute("SELECT count(*) FROM units WHERE size > 1").fetchall()[0][0]
-        small, notes = ([], _official_notes(conn)) if ratios is None else (_small_classes(conn, ratios), _emptied_parts(conn))
-        return Assignment(rows, _part_counts(conn), n_merged, small, notes)
+        counts = _part_counts(conn)
+        small, notes = ([], _official_notes(conn)) if ratios is None else _missing_class_messages(conn, ratios, counts)
+        return Assignment(rows, counts, n_merged, small, notes)
 
 
 def _joins_images(groups: dict[str, str] | None) -> bool:
@@ -284,7 +330,9 @@ def _assign_single_images(items: pa.Table, ratios: tuple[int, int, int], seed: i
         parts = conn.sql("SELECT part FROM assigned ORDER BY pos").to_arrow_table()["part"]
         rows = pa.table({"image_id": items["image_id"], "label": items["label"], "key": items["image_id"],
                          "official": items["official"], "part": parts})
-        return Assignment(rows, _part_counts(conn), 0, _small_classes(conn, ratios), [])
+        counts = _part_counts(conn)
+        small, notes = _missing_class_messages(conn, ratios, counts)
+        return Assignment(rows, counts, 0, small, notes)
 
 
 def _part_counts(conn) -> dict[str, dict[str, int]]:
@@ -438,6 +486,25 @@ def _check_official(conn) -> None:
         )
 
 
+def official_overlap(db: Database, *, dataset: str, filter_id: str, groups: dict[str, str] | None,
+                     split_column: str = "split") -> dict[str, int]:
+    """{'val': n, 'test': n}: how many images of the dataset's OFFICIAL val and test parts are in a
+    near-duplicate group (`groups`) with an image its manifest puts in train, i.e. the leakage of the
+    manifest's own split (make_split undoes it: such a group goes wholly to its held-out part). A
+    byte-identical copy is one image (raw_images keeps the first and counts the other in `duplicates`),
+    so only re-encoded, resized or edited copies can be counted here."""
+    with db.connect() as conn:
+        items = load_filtered(conn, dataset, filter_id, split_column)
+    with scratch() as conn:
+        stage_units(conn, items, groups, None)
+        found = conn.execute(f"""
+            WITH official AS (SELECT image_id, gid, {_OFFICIAL_PART} AS part FROM members),
+                 trained AS (SELECT DISTINCT gid FROM official WHERE part = 'train')
+            SELECT part, count(*) FROM official JOIN trained USING (gid) WHERE part IN ('val', 'test') GROUP BY part
+        """).fetchall()
+    return {"val": 0, "test": 0} | dict(found)
+
+
 def _official_notes(conn) -> list[str]:
     moved = conn.execute(
         f"SELECT count(*) FROM assigned WHERE {_OFFICIAL_PART} <> part"
@@ -448,27 +515,107 @@ def _official_notes(conn) -> list[str]:
             f"(a group spanning parts goes to test, else val)"]
 
 
-def _small_classes(conn, ratios: tuple[int, int, int]) -> list[str]:
+def _missing_class_messages(conn, ratios: tuple[int, int, int], counts: dict[str, dict[str, int]]) -> tuple[list[str], list[str]]:
+    """(small_classes, notes) of a ratio split: each class kept whole in train, and each class that has no
+    image in a part with a share, with the cause (too few images, too few near-duplicate groups, its
+    groups going with another class, or a group larger than a part's target)."""
+    shared_parts = [p for p, r in zip(PARTS, ratios) if r]
+    missing = {label: [p for p in shared_parts if not parts[p]] for label, parts in counts.items()}
+    small = conn.execute(
+        """SELECT s.stratum, s.n, s.n_groups, bool_or(t.pct > 0 AND t.target = 0) AS too_few_images
+           FROM strata s JOIN small USING (stratum) JOIN targets t USING (stratum) GROUP BY ALL ORDER BY 1""").fetchall()
+    strata = {s for (s,) in conn.execute("SELECT stratum FROM strata").fetchall()}
+    split_strata = strata - {s for s, *_ in small}
+    emptied = {label: parts for label, parts in sorted(missing.items()) if parts and label in split_strata}
+    absorbed = sorted(label for label, parts in missing.items() if parts and label not in strata)
+    # Only near-duplicate groups (and so the members and units tables) make these: split image by image, a
+    # small class is small by its image count, and every other class fills every part.
+    grouped = _class_groups(conn, [s for s, _, _, too_few in small if not too_few] + absorbed)
     scheme = "/".join(map(str, ratios))
-    return [
-        f"class {stratum!r}: {n} images in {n_groups} groups, too few for {scheme} (every part with a share needs "
-        f"at least one); all kept in train, so {' and '.join(p for p, r in zip(PARTS[1:], ratios[1:]) if r)} "
-        f"have no {stratum!r} images"
-        for stratum, n, n_groups in conn.execute(
-            "SELECT stratum, n, n_groups FROM strata JOIN small USING (stratum) ORDER BY stratum").fetchall()
-    ]
+    small_classes = []
+    for stratum, n, n_groups, too_few_images in small:
+        outcome = f"{_where_they_went(counts[stratum])}{_missing_clause(stratum, missing[stratum])}"
+        cause = (f"{n} images in {n_groups} groups, too few for {scheme} (every part with a share needs at least one)"
+                 if too_few_images else f"its {sum(counts[stratum].values())} images form {grouped[stratum].described()}, "
+                                        f"fewer than the {len(shared_parts)} parts with a share")
+        small_classes.append(f"class {stratum!r}: {cause}, so {outcome}")
+    notes = [_absorbed_message(label, counts[label], missing[label], grouped[label]) for label in absorbed]
+    return small_classes, _emptied_parts(conn, emptied) + notes
 
 
-def _emptied_parts(conn) -> list[str]:
+def _absorbed_message(label: str, parts: dict[str, int], missing: list[str], groups: ClassGroups) -> str:
+    """Why a class that is no stratum (all its images in groups of another majority) lacks a part."""
+    verb = "is" if groups.n_groups == 1 else "are"
+    return (f"class {label!r}: its {sum(parts.values())} images are in {groups.described()} that {verb} split as "
+            f"{_names(groups.majorities)} (a group goes with its majority label, ties to the first by name), so "
+            f"{_where_they_went(parts)}{_missing_clause(label, missing)}")
+
+
+@dataclass(frozen=True)
+class ClassGroups:
+    """The near-duplicate groups holding a class's images: what a message about that class cites."""
+
+    n_groups: int
+    largest: int  # images in the largest of them, of any class
+    others: list[str]  # the other classes with images in them
+    majorities: list[str]  # the other classes some of them are split as (their majority label)
+
+    def described(self) -> str:
+        shared = f", shared with {_names(self.others)}" if self.others else ""
+        plural = "" if self.n_groups == 1 else "s"
+        return f"{self.n_groups} near-duplicate group{plural} (largest {self.largest} images{shared})"
+
+
+def _class_groups(conn, labels: list[str]) -> dict[str, ClassGroups]:
+    """ClassGroups of each of `labels`, from the members and units tables of assign_parts."""
+    if not labels:
+        return {}
+    rows = conn.execute(
+        """WITH held AS (
+               SELECT label, gid FROM members WHERE label IN (SELECT unnest($1::VARCHAR[])) GROUP BY ALL
+           ), shared AS (
+               SELECT h.label, list(DISTINCT m.label ORDER BY m.label) AS others
+               FROM held h JOIN members m USING (gid) WHERE m.label <> h.label GROUP BY h.label
+           )
+           SELECT h.label, count(*), max(u.size), coalesce(any_value(s.others), []),
+                  coalesce(list(DISTINCT u.stratum ORDER BY u.stratum) FILTER (WHERE u.stratum <> h.label), [])
+           FROM held h JOIN units u USING (gid) LEFT JOIN shared s USING (label) GROUP BY h.label""",
+        [labels]).fetchall()
+    return {label: ClassGroups(n_groups, largest, others, majorities) for label, n_groups, largest, others, majorities in rows}
+
+
+def _emptied_parts(conn, missing: dict[str, list[str]]) -> list[str]:
+    """The messages for classes that were split but got no image in some part: their groups are too large."""
+    if not missing:
+        return []
+    rows = conn.execute(
+        """SELECT t.stratum, t.part, t.target, s.largest FROM targets t JOIN strata s USING (stratum)
+           WHERE t.stratum IN (SELECT unnest($1::VARCHAR[])) ORDER BY t.stratum, t.ord""", [list(missing)]).fetchall()
     return [
         f"class {stratum!r}: {part} got no images although its target is {target}: the class's near-duplicate "
         f"groups (largest {largest} images) are larger than that"
-        for stratum, part, target, largest in conn.execute(
-            """SELECT t.stratum, t.part, t.target, s.largest FROM targets t JOIN strata s USING (stratum)
-               WHERE t.pct > 0 AND t.stratum NOT IN (SELECT stratum FROM small)
-                 AND NOT EXISTS (SELECT 1 FROM unit_parts p WHERE p.stratum = t.stratum AND p.part = t.part)
-               ORDER BY ALL""").fetchall()
+        for stratum, part, target, largest in rows if part in missing[stratum]
     ]
+
+
+def _where_they_went(parts: dict[str, int]) -> str:
+    went = [p for p in PARTS if parts.get(p)]
+    return "they all went to train" if went == ["train"] else f"they went to {' and '.join(went)}"
+
+
+def _missing_clause(label: str, parts: list[str]) -> str:
+    """": val and test have no 'anger' image", or nothing when no part lacks the class."""
+    if not parts:
+        return ""
+    return f": {' and '.join(parts)} {'has' if len(parts) == 1 else 'have'} no {label!r} image"
+
+
+def _names(labels: list[str], shown: int = 3) -> str:
+    """'a', 'b' and 'c'; past `shown` names, the count of the others."""
+    quoted = [repr(label) for label in labels[:shown]]
+    if len(labels) > shown:
+        return f"{', '.join(quoted)} and {len(labels) - shown} more"
+    return quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} and {quoted[-1]}"
 
 
 # ---------------------------------------------------------------------------------------------

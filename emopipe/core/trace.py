@@ -9,7 +9,7 @@ images (image_id = sha256 of the stored bytes, source_uri).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from emopipe.db import Database
@@ -17,7 +17,7 @@ from emopipe.errors import UserError
 from emopipe.fingerprint import rows_fingerprint
 
 EXAMPLES = 3  # source URIs shown per dataset, and ids named in a set-difference problem
-COUNT_METRICS = ("excluded", "confusion_count")
+COUNT_METRICS = ("excluded", "excluded_overlap", "confusion_count")
 
 
 class TraceError(UserError):
@@ -30,6 +30,8 @@ class DatasetImages:
     count: int
     fingerprint: str  # rows_fingerprint of the (image_id, label) rows
     source_uris: tuple[str, ...]
+    # part -> images left out of its evaluation as copies of the model's train/val images (core/leakage.py)
+    excluded_overlap: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -111,7 +113,9 @@ def trace(db: Database, experiment: str, metric: str | None = None, *, model_id:
             rows = conn.execute("SELECT image_id, label FROM images WHERE dataset = ?", [name]).fetchall()
             uris = conn.execute("SELECT source_uri FROM images WHERE dataset = ? ORDER BY image_id LIMIT ?",
                                 [name, EXAMPLES]).fetchall()
-            datasets.append(DatasetImages(name, len(rows), rows_fingerprint(rows), tuple(u[0] for u in uris)))
+            overlap = dict(conn.execute("SELECT part, value::BIGINT FROM metrics WHERE experiment = ? AND model_id = ? AND dataset = ? "
+                                        "AND metric = 'excluded_overlap' ORDER BY part", [experiment, model["model_id"], name]).fetchall())
+            datasets.append(DatasetImages(name, len(rows), rows_fingerprint(rows), tuple(u[0] for u in uris), overlap))
     return Trace(experiment, metrics, model, split, filter_run, datasets)
 
 
@@ -153,4 +157,6 @@ def format_trace(t: Trace) -> str:
     for d in t.datasets:
         lines += [f"  images {d.dataset}: {d.count} (fingerprint of (image_id, label) {d.fingerprint})"]
         lines += [f"    e.g. {uri}" for uri in d.source_uris]
+        lines += [f"    {part} evaluation: {n} images excluded, copies or near-duplicates of the split's train/val images"
+                  for part, n in d.excluded_overlap.items()]
     return "\n".join(lines) + "\n"

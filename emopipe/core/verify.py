@@ -8,8 +8,11 @@ each disagreement is a Problem.
 - the filter: the params hash is the hash of its params, its kept set and counts are what the stored
   text_scores decide, filter_id is the hash of that set, its input is the dataset's rows now;
 - the numbers: every metric row, its value, n and bootstrap CI (the bootstrap is seeded), recomputed
-  from the predictions rows, and the exact set of rows those predictions imply (a missing or extra
-  row is a mismatch); predictions cover exactly the split's parts and carry the images' labels;
+  from the predictions rows (a soft-label model's distribution metrics also from the images' soft-label
+  attributes), and the exact set of rows those predictions imply (a missing or extra row is a mismatch);
+  predictions cover exactly the split's parts and carry the images' labels;
+- a cross-dataset test set: its copies and near-duplicates of the split's train/val images, found
+  again (core/leakage.py), have no prediction and are counted in its `excluded_overlap` row;
 - image files hash to their id: all of them, or a fresh random sample on each call.
 """
 
@@ -25,8 +28,10 @@ from typing import Any
 
 import numpy as np
 
-from emopipe.core.evaluation import MetricRow, classification_metrics, regression_metrics
+from emopipe.core.evaluation import MetricRow, classification_metrics, distribution_metrics, regression_metrics
 from emopipe.core.filtered_images import decide, filter_id_of
+from emopipe.core.raw_images import attribute_matrix
+from emopipe.core.leakage import overlapping_images
 from emopipe.core.splits import SplitError, parse_scheme, recomputed_split_id
 from emopipe.core.trace import EXAMPLES, filter_run_row, model_row, rows_as_dicts, split_run_row
 from emopipe.db import Database
@@ -90,6 +95,8 @@ class _Stored:
     metric_rows: list[dict[str, Any]]
     predictions: list[tuple]  # (dataset, part, image_id, label, predicted, scores)
     wrong_labels: list[str]  # classification predictions whose label is not the image's label
+    soft_labels: list[str]  # the model's soft-label columns: its distribution metrics are recomputed from them
+    prediction_attributes: dict[tuple[str, str], str | None]  # (dataset, image_id) -> images.attributes; soft labels only
     object_ids: list[str]  # every image of the split or with a prediction
 
     @property
@@ -105,6 +112,7 @@ def _read(db: Database, experiment: str, model_id: str | None) -> _Stored:
         filter_run = filter_run_row(conn, split_run, experiment)
         dataset = split_run["dataset"] if split_run else None
         fid = filter_run["filter_id"] if filter_run else None
+        soft_labels = list((model.get("hyperparameters") or {}).get("soft_labels") or [])
 
         def ids(sql: str, params: list) -> list[str]:
             return [r[0] for r in conn.execute(sql, params).fetchall()]
@@ -131,6 +139,11 @@ def _read(db: Database, experiment: str, model_id: str | None) -> _Stored:
                 WHERE p.model_id = ? AND p.dataset = ? AND p.label IS DISTINCT FROM i.label
                   AND EXISTS (SELECT 1 FROM metrics m WHERE m.model_id = p.model_id AND m.dataset = p.dataset
                               AND m.part = p.part AND m.metric = 'accuracy')""", [mid, dataset]),
+            soft_labels=soft_labels,
+            prediction_attributes={(d, i): a for d, i, a in conn.execute(
+                """SELECT p.dataset, p.image_id, i.attributes FROM predictions p
+                   JOIN images i ON i.dataset = p.dataset AND i.image_id = p.image_id WHERE p.model_id = ?""", [mid]).fetchall()}
+            if soft_labels else {},
             object_ids=sorted(ids("""SELECT image_id FROM splits WHERE split_id = ?
                                      UNION SELECT image_id FROM predictions WHERE model_id = ?""", [split_id, mid])),
         )
@@ -238,10 +251,11 @@ def _check_filter(s: _Stored) -> list[Problem]:
     return problems
 
 
-def _recomputed(predictions: list[tuple], task: str) -> tuple[list[MetricRow], list[str]]:
+def _recomputed(predictions: list[tuple], task: str, distributions: np.ndarray | None = None) -> tuple[list[MetricRow], list[str]]:
     """The metric rows (with their seeded bootstrap CIs) that predictions (image_id, label, predicted,
-    scores) of one dataset part give, and the image ids whose stored `predicted` is not the argmax of
-    their stored scores. Predictions are sorted by image_id, as write_evaluation ordered them."""
+    scores) of one dataset part give, with the images' annotated `distributions` (soft labels) if any, and
+    the image ids whose stored `predicted` is not the argmax of their stored scores. Predictions are
+    sorted by image_id, as write_evaluation ordered them."""
     names = list(json.loads(predictions[0][3]))
     # dtype float64 turns the JSON nulls (missing targets) back into NaN.
     scores = np.array([list(json.loads(p[3]).values()) for p in predictions], dtype=np.float64)
@@ -251,30 +265,46 @@ def _recomputed(predictions: list[tuple], task: str) -> tuple[list[MetricRow], l
     index = {c: i for i, c in enumerate(names)}
     labels = np.array([index[p[1]] for p in predictions])
     wrong_argmax = [p[0] for p, best in zip(predictions, scores.argmax(1)) if p[2] != names[best]]
-    return classification_metrics(labels, scores, names), wrong_argmax
+    rows = classification_metrics(labels, scores, names)
+    if distributions is not None:
+        rows += distribution_metrics(distributions, scores)
+    return rows, wrong_argmax
 
 
-def _expected_parts(s: _Stored) -> dict[tuple[str, str], int]:
+def _expected_parts(s: _Stored, overlaps: dict[str, dict[str, str]]) -> dict[tuple[str, str], int]:
     """(dataset, part) -> images that evaluation had to evaluate: the split's test and val parts, and each
-    dataset that has predictions (a cross-dataset test set) as a whole."""
+    dataset that has predictions (a cross-dataset test set) as a whole, less its copies of training images."""
     parts: dict[tuple[str, str], int] = defaultdict(int)
     for _, part in s.split_rows:
         if part in ("test", "val"):
             parts[(s.dataset, part)] += 1
     for d, part, *_ in s.predictions:
         if d != s.dataset:
-            parts[(d, part)] = s.dataset_sizes.get(d, 0)
+            parts[(d, part)] = s.dataset_sizes.get(d, 0) - len(overlaps.get(d, {}))
     return dict(parts)
 
 
-def _check_part(where: str, rows: list[dict], predictions: list[tuple], n_evaluated: int | None) -> list[Problem]:
+def _overlaps(db: Database, s: _Stored) -> dict[str, dict[str, str]]:
+    """Per cross-dataset test set with predictions: its images that copy the model's train/val images,
+    found again from the images, splits and perceptual_hashes rows."""
+    eval_sets = sorted({d for d, *_ in s.predictions} - {s.dataset})
+    with db.connect() as conn:
+        ids = {d: [r[0] for r in conn.execute("SELECT image_id FROM images WHERE dataset = ? ORDER BY image_id", [d]).fetchall()]
+               for d in eval_sets}
+    return {d: overlapping_images(db, ids[d], s.model["split_id"]) for d in eval_sets}
+
+
+def _check_part(where: str, rows: list[dict], predictions: list[tuple], n_evaluated: int | None,
+                n_overlap: int = 0, distributions: np.ndarray | None = None) -> list[Problem]:
     task = "regression" if predictions[0][1].startswith("{") else "classification"  # regression labels are JSON targets
-    recomputed, wrong_argmax = _recomputed(predictions, task)
+    recomputed, wrong_argmax = _recomputed(predictions, task, distributions if task == "classification" else None)
     problems = _set_problem("predictions", where, "predicted differs from the argmax of the stored scores", wrong_argmax)
     expected = {(m.metric, m.class_name): m for m in recomputed}
     excluded = (n_evaluated or 0) - len(predictions) if task == "classification" and n_evaluated is not None else 0
     if excluded > 0:
         expected[("excluded", None)] = MetricRow("excluded", float(excluded), n=excluded)
+    if n_overlap > 0:
+        expected[("excluded_overlap", None)] = MetricRow("excluded_overlap", float(n_overlap), n=n_overlap)
     stored = {(r["metric"], r["class"]): r for r in rows}
     name = lambda key: key[0] + (f"[{key[1]}]" if key[1] else "")  # noqa: E731
     problems += _set_problem("metrics", where, "metric rows the predictions imply but the table lacks", map(name, expected.keys() - stored.keys()))
@@ -288,7 +318,7 @@ def _check_part(where: str, rows: list[dict], predictions: list[tuple], n_evalua
     return problems
 
 
-def _check_predictions(s: _Stored) -> list[Problem]:
+def _check_predictions(s: _Stored, overlaps: dict[str, dict[str, str]]) -> list[Problem]:
     mid, split_id = s.model["model_id"], s.model["split_id"]
     problems = [Problem("metrics", f"{r['dataset']}/{r['part']}/{r['metric']}", "split_id == the model's split", split_id, r["split_id"])
                 for r in s.metric_rows if r["split_id"] != split_id]
@@ -302,13 +332,21 @@ def _check_predictions(s: _Stored) -> list[Problem]:
     split_parts: dict[str, set[str]] = defaultdict(set)
     for image_id, part in s.split_rows:
         split_parts[part].add(image_id)
-    expected_parts = _expected_parts(s)
+    expected_parts = _expected_parts(s, overlaps)
     for d, part in sorted(set(stored) | set(grouped) | set(expected_parts)):
         where = f"{mid[:12]} {d}/{part}"
         if (d, part) not in grouped:
             problems.append(Problem("predictions", where, "prediction rows behind the metrics", "at least one", 0))
             continue
-        problems += _check_part(where, stored.get((d, part), []), grouped[(d, part)], expected_parts.get((d, part)))
+        overlap = overlaps.get(d, {}) if d != s.dataset else {}
+        predicted_images = grouped[(d, part)]
+        predicted_ids = [p[0] for p in predicted_images]
+        distributions = (attribute_matrix(predicted_ids, [s.prediction_attributes.get((d, i)) for i in predicted_ids], s.soft_labels)
+                         if s.soft_labels else None)
+        problems += _check_part(where, stored.get((d, part), []), predicted_images, expected_parts.get((d, part)), len(overlap),
+                                distributions)
+        problems += _set_problem("predictions", where, f"predicted images that copy train/val images of split {split_id[:12]}",
+                                 {p[0] for p in grouped[(d, part)]} & overlap.keys())
         if d == s.dataset and part in split_parts:
             predicted = {p[0] for p in grouped[(d, part)]}
             problems += _set_problem("predictions", where, f"{part} images of split {split_id[:12]} without a prediction",
@@ -346,7 +384,7 @@ def verify(
         ids = s.object_ids
     else:
         ids = sorted(random.SystemRandom().sample(s.object_ids, sample))
-    problems = [*_check_checkpoint(s), *_check_split(db, s), *_check_filter(s), *_check_predictions(s),
+    problems = [*_check_checkpoint(s), *_check_split(db, s), *_check_filter(s), *_check_predictions(s, _overlaps(db, s)),
                 *_check_objects(ids, objects_root)]
     return Verification(problems, len(ids), len(s.object_ids))
 

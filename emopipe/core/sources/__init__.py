@@ -7,7 +7,7 @@ Source kinds (DatasetSpec.source):
 - archive: a zip/tar at `url`, verified by `sha256`, extracted once under the work dir, then read
   as a folder (`path`: a subfolder inside it; `labels`: a manifest inside it).
 - url_list: a CSV url,label[,attributes], local (`labels`) or at `url`.
-- emoset, parquet, emotic, webemo: the released layouts of the studies' datasets (one module each);
+- emoset, parquet, emotic, webemo, emotion6: the released layouts of the studies' datasets (one module each);
   parquet items are rows, URIs parquet:<file>#<row group>:<row>.
 
 One module per source kind; items.py holds what they share (SourceItem, Fetched, the rule that keeps
@@ -26,6 +26,7 @@ from emopipe.core.download import SourceError
 from emopipe.core.sources.archive import extracted_archive
 from emopipe.core.sources.emoset import emoset_items
 from emopipe.core.sources.emotic import emotic_items
+from emopipe.core.sources.emotion6 import emotion6_items
 from emopipe.core.sources.fetch import fetch_items
 from emopipe.core.sources.folder import folder_items
 from emopipe.core.sources.items import (OUTSIDE_DATASET, REJECT_DETAIL, REJECT_REASON, DatasetRoot, Fetched,
@@ -70,4 +71,6 @@ def list_items(spec: DatasetSpec, work_dir: Path) -> list[SourceItem]:
         return emotic_items(root, root / Path(spec.labels).expanduser(), where)
     if spec.source == "webemo":
         return webemo_items(catalog_path(spec.path, spec), where)
-    raise SourceError(f"{where}.source: unknown source {spec.source!r}; allowed: synthetic, folder, archive, url_list, emoset, parquet, emotic, webemo")
+    if spec.source == "emotion6":
+        return emotion6_items(catalog_path(spec.path, spec), where)
+    raise SourceError(f"{where}.source: unknown source {spec.source!r}; allowed: synthetic, folder, archive, url_list, emoset, parquet, emotic, webemo, emotion6")

@@ -34,11 +34,19 @@ if TYPE_CHECKING:
     from emopipe.core.trained_model.run import TrainResult
 
 
+OPTIONAL_SPEC_FIELDS = ("seed_group", "split_seed")
+
+
 def spec_dict(exp: ExperimentSpec) -> dict:
     """The experiment spec as plain data, without `origin` (the path of the catalog file that defined
     it), so the same training in another checkout gives the same checkpoint bytes."""
     d = dataclasses.asdict(exp)
     d.pop("origin", None)
+    # Seed fields (catalog `seeds`) only when set: a training without them keeps the checkpoint bytes, and so
+    # the model id, it had before they existed.
+    for key in OPTIONAL_SPEC_FIELDS:
+        if d.get(key) is None:
+            d.pop(key, None)
     return d
 
 
@@ -50,7 +58,7 @@ def experiment_from_dict(d: dict, origin: str = "") -> ExperimentSpec:
     fields = {k: (nested[k](v) if k in nested and v is not None else tuple(v) if isinstance(v, list) else v)
               for k, v in d.items()}
     spec = ExperimentSpec(**fields, origin=origin)
-    if json.loads(json.dumps(spec_dict(spec))) != d:
+    if json.loads(json.dumps(spec_dict(spec))) != {k: v for k, v in d.items() if not (k in OPTIONAL_SPEC_FIELDS and v is None)}:
         raise ValueError(f"experiment {d.get('name')!r} does not survive the round trip through job.json")
     return spec
 
