@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from emopipe.core.download import SourceError
-from emopipe.core.sources.items import DatasetRoot, SourceItem, outside, rejection
+from emopipe.core.sources.items import DatasetRoot, SourceItem, outside, read_listing, rejection
 
 EMOTION6_CATEGORIES = ("anger", "disgust", "fear", "joy", "sadness", "surprise", "neutral")
 EMOTION6_HEADER = ("[image_filename]", "[valence]", "[arousal]", *(f"[prob. {c}]" for c in EMOTION6_CATEGORIES))
@@ -33,12 +33,7 @@ def emotion6_items(root: Path, where: str) -> list[SourceItem]:
     if not root.is_dir():
         raise SourceError(f"{where}.path: the folder {root} does not exist; expected the Emotion6 folder holding images/ and {GROUND_TRUTH}")
     path = root / GROUND_TRUTH
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise SourceError(f"{path}: does not exist; the Emotion6 release has {GROUND_TRUTH} beside images/") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise SourceError(f"{path}: cannot read Emotion6's {GROUND_TRUTH}: {e}") from None
+    text = read_listing(path, f"does not exist; the Emotion6 release has {GROUND_TRUTH} beside images/", f"Emotion6's {GROUND_TRUTH}")
     reader = csv.reader(io.StringIO(text), delimiter="\t")
     _check_header(path, [cell.strip() for cell in next(reader, [])])
     images = DatasetRoot(root / "images")

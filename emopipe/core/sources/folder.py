@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Iterator
 
 from emopipe.core.download import SourceError
-from emopipe.core.sources.items import DatasetRoot, SourceItem, outside
+from emopipe.core.sources.items import DatasetRoot, SourceItem, outside, read_listing
 from emopipe.core.sources.manifest import OutsideDataset, csv_items
 
 
@@ -65,12 +65,7 @@ def _walk_files(root: Path, boundary: DatasetRoot, where: str) -> Iterator[tuple
 
 
 def _manifest_items(root: DatasetRoot, manifest: Path, boundary: DatasetRoot) -> list[SourceItem]:
-    try:
-        text = manifest.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise SourceError(f"{manifest}: the manifest does not exist; expected a CSV with the header path,label[,more columns]") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise SourceError(f"{manifest}: cannot read the manifest: {e}") from None
+    text = read_listing(manifest, "the manifest does not exist; expected a CSV with the header path,label[,more columns]", "the manifest")
 
     def locate(value: str) -> str:
         path = root.join(value)

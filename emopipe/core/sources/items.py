@@ -8,6 +8,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from emopipe.core.download import SourceError
+
 # Attributes of an item the listing already rejects (label None): the ingest stores a `rejected` row.
 REJECT_REASON = "reject_reason"
 REJECT_DETAIL = "reject_detail"
@@ -63,6 +65,17 @@ class DatasetRoot:
 
 
 PARTS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+
+
+def read_listing(path: Path, missing: str, what: str) -> str:
+    """A listing file's text (a BOM dropped); SourceError naming the file when it is missing ("<path>: <missing>")
+    or unreadable ("<path>: cannot read <what>: ...")."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise SourceError(f"{path}: {missing}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise SourceError(f"{path}: cannot read {what}: {e}") from None
 
 
 def part_from_name(location: str) -> str | None:
