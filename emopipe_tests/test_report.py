@@ -38,7 +38,7 @@ def test_report_holds_the_numbers_and_embeds_every_image(report):
     assert path.name == f"wiring-{model_id[:12]}.html" and path.parent.name == "reports"
     assert headline_accuracy(db_file) in page and model_id in page and split_id in page
     assert "newest metrics rows" in page  # no model was named: the report says which it took
-    for alt in ("wiring confusion matrix", "learning curve", "IG heatmap of "):
+    for alt in ("wiring confusion matrix", "wiring reliability diagram", "learning curve", "IG heatmap of "):
         assert re.search(rf'<img src="data:image/png;base64,[A-Za-z0-9+/]+=*" alt="{alt}', page), alt
     assert "verified: every number" in page
     assert not re.search(r'src="(?!data:)|href=|url\(|@import|<link', page)  # nothing outside the file

@@ -28,6 +28,7 @@ from typing import Sequence
 
 from emopipe.atomic import atomic_write
 from emopipe.catalog import ExperimentSpec
+from emopipe.core.calibration import CALIBRATION_BINS, reliability_png, stored_bins
 from emopipe.core.evaluation import MetricRow, confusion_from_rows, confusion_png, headline_markdown
 from emopipe.core.preview import thumbnails
 from emopipe.core.trace import Trace, format_trace, trace
@@ -69,6 +70,7 @@ def write_report(db: Database, exp: ExperimentSpec, *, model_id: str | None = No
     path = Path(path) if path else report_path(exp.name, report.model_id)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda f: f.write(report.html.encode()))
+    path.chmod(0o644)  # a page to share: readable by others, unlike the private temp file it was written as
     return path
 
 
@@ -88,6 +90,7 @@ def build_report(db: Database, exp: ExperimentSpec, *, model_id: str | None = No
         ("headline", "Headline", headline_html(rows, exp)),
         ("per-class", f"Per class: {exp.dataset}, test part", per_class_html(rows, classes, exp.dataset)),
         ("confusion", "Confusion matrices (test parts)", confusion_html(rows, classes, exp)),
+        ("calibration", "Calibration (test parts)", calibration_html(rows)),
         ("learning-curve", "Learning curve", learning_curve_html(lineage.model)),
         ("text-filter", "What the text filter removed", text_filter_html(db, lineage, objects_root)),
         ("explanations", "Integrated-Gradients heatmaps", explanations_html(db, exp, model_id)),
@@ -190,6 +193,24 @@ def confusion_html(rows: Sequence[MetricRow], classes: Sequence[str], exp: Exper
                                            f"{dataset}, test part: rows are true classes, columns predicted; "
                                            "each cell the fraction of its row, with the count"))
     return "".join(figures) or "<p>No confusion rows were stored.</p>"
+
+
+def calibration_html(rows: Sequence[MetricRow]) -> str:
+    """Each evaluated dataset's reliability diagram and ECE, redrawn from its stored calibration rows."""
+    figures = []
+    with tempfile.TemporaryDirectory() as tmp:  # reliability_png writes a file; the report keeps only the bytes
+        for k, dataset in enumerate(dict.fromkeys(r.dataset for r in rows)):
+            part = [r for r in rows if r.dataset == dataset and r.part == "test"]
+            ece = next((r for r in part if r.metric == "ece"), None)
+            bins = stored_bins(part)
+            if ece is None or not bins:
+                continue
+            png = reliability_png(bins, ece.value, f"{dataset} test", Path(tmp) / f"{k}.png").read_bytes()
+            interval = f" [{ece.ci_low:.3f}, {ece.ci_high:.3f}]" if ece.ci_low is not None else ""
+            figures.append(figure_html(png, "image/png", f"{dataset} reliability diagram",
+                                       f"{dataset}, test part: ECE {ece.value:.3f}{interval} over {CALIBRATION_BINS} "
+                                       "confidence bins; bars are each bin's accuracy, the dashed line perfect calibration"))
+    return "".join(figures) or "<p>No calibration rows were stored (a regression experiment, or an older evaluation).</p>"
 
 
 def learning_curve_html(model: dict) -> str:
