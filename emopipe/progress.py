@@ -55,7 +55,7 @@ class Progress:
             self.bar.update(n)
             return
         now = time.perf_counter()
-        if now - self.last_line >= PLAIN_EVERY_SECONDS and self.done < self.total:
+        if 0 < self.done < self.total and now - self.last_line >= PLAIN_EVERY_SECONDS:
             self.last_line = now
             rate = self.done / (now - self.start)
             left = (self.total - self.done) / rate if rate else float("inf")

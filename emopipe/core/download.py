@@ -28,6 +28,7 @@ from typing import BinaryIO
 
 from emopipe.errors import UserError
 from emopipe.fingerprint import sha256_file
+from emopipe.progress import Progress
 
 USER_AGENT = "emopipe/0.1 (affective-image dataset ingest; urllib)"
 HTTP_SCHEMES = ("http", "https")
@@ -254,14 +255,15 @@ def _download_to_part(url: str, part: Path, offset: int, timeout: float) -> None
             mode, offset = "wb", 0
         length = response.headers.get("Content-Length")
         expected = int(length) if length and length.isdigit() else None
-        received, last_log = 0, time.monotonic()
-        with open(part, mode) as f:
+        received = 0
+        total_mb = -(-(offset + expected) // 2**20) if expected is not None else 0  # 0: no bar, the size is unknown
+        with open(part, mode) as f, Progress(f"{url}: download", total_mb, "MB", log.info) as progress:
+            progress.advance(offset >> 20)
             while chunk := response.read(CHUNK):
                 f.write(chunk)
+                before = offset + received
                 received += len(chunk)
-                if time.monotonic() - last_log > 10:
-                    log.info("%s: %d MB downloaded", url, (offset + received) >> 20)
-                    last_log = time.monotonic()
+                progress.advance(((offset + received) >> 20) - (before >> 20))
         if expected is not None and received < expected:
             raise FetchFailed("connection_error", f"{url}: connection closed after {offset + received} bytes", retryable=True)
 

@@ -35,6 +35,7 @@ from emopipe.db import Database
 from emopipe.errors import UserError
 from emopipe.fingerprint import sha256_bytes, sha256_file, table_fingerprint
 from emopipe.paths import object_path
+from emopipe.progress import Progress
 from emopipe.threads import available_cores
 
 ACCEPTED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF")
@@ -177,7 +178,7 @@ def ingest_dataset(
     result.n_known = len(known)
     kept: dict[str, tuple[str, str]] = {}  # image_id -> (source_uri, label) of the first copy
     outcomes = itertools.chain(known, _read_outcomes(to_fetch, spec, objects_root=objects_root, work_dir=work_dir,
-                                                                 workers=workers, result=result))
+                                                                 workers=workers, result=result, log=log))
     duplicates = _record_outcomes(db, spec, outcomes, entries, stored, kept, rejected, log)
     duplicate_rows = _duplicate_rows(spec, duplicates, kept, result)
     listed = pa.table({"source_uri": pa.array([item.uri for item in items], pa.string())})
@@ -209,7 +210,7 @@ def _listed_candidates(items: list[SourceItem], spec: DatasetSpec, rejected: lis
 
 
 def _read_outcomes(to_fetch: list[SourceItem], spec: DatasetSpec, *, objects_root: Path, work_dir: Path,
-                   workers: int, result: IngestResult) -> Iterator[tuple[SourceItem, Outcome, bool]]:
+                   workers: int, result: IngestResult, log: Callable[[str], None]) -> Iterator[tuple[SourceItem, Outcome, bool]]:
     """Fetch, validate and store each item, yielding (item, outcome, True): True as in "read in this run"."""
 
     def accept(fetched: Fetched) -> tuple[SourceItem, Outcome, bool]:
@@ -234,9 +235,11 @@ def _read_outcomes(to_fetch: list[SourceItem], spec: DatasetSpec, *, objects_roo
     fetched_items = fetch_items(to_fetch, workers=workers, max_bytes=spec.max_image_bytes, incoming=incoming,
                                 spec=spec, work_dir=work_dir)
     # Threads, one per core: Pillow and hashlib release the GIL while they decode and hash.
-    with ThreadPoolExecutor(max_workers=available_cores()) as pool:
+    with ThreadPoolExecutor(max_workers=available_cores()) as pool, \
+            Progress(f"{spec.name}: reading and storing", len(to_fetch), "entries", log) as progress:
         for item, outcome, new in bounded_map(pool, accept, fetched_items, in_flight=64):
             result.n_new += new
+            progress.advance()
             yield item, outcome, True
 
 
