@@ -152,7 +152,7 @@ def _execute(name: str, run_id: str, verbose: bool) -> None:
         mistakes = [e for e in failures if _is_user_error(e)]
         for event in mistakes or failures:
             data = event.event_specific_data
-            message = data.user_failure_data.description if mistakes else data.error.message.strip()
+            message = data.user_failure_data.description if mistakes else _root_cause(data.error)
             print(f"emopipe: {message}" if mistakes else f"emopipe: step {event.step_key} failed: {message}", file=sys.stderr)
         if mistakes:
             sys.exit(2)
@@ -182,6 +182,14 @@ def _write_run_report(result, exp):
 
     model_id = result.output_for_node("evaluation")["model_id"]
     return write_report(_database(), exp, model_id=model_id, chosen_by=f"run {result.run_id}", objects_root=objects_dir())
+
+
+def _root_cause(error) -> str:
+    """The innermost error of a step failure (Dagster wraps the step's own exception in its execution error),
+    as "ExceptionClass: message"; the whole traceback is in the UI's run log."""
+    while error.cause is not None:
+        error = error.cause
+    return f"{error.cls_name}: {error.message.strip()}" if error.cls_name and not error.message.startswith(error.cls_name) else error.message.strip()
 
 
 def _is_user_error(event) -> bool:
