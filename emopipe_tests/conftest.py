@@ -40,6 +40,10 @@ experiments:
     <<: *wiring
     explain_per_class: 0
     tune: {population: 2, perturbation_interval: 1, epochs: 2}
+  wiring_seeded:               # two partitions: wiring_seeded (seed 0) and wiring_seeded@seed1
+    <<: *wiring
+    explain_per_class: 0
+    seeds: [0, 1]
   wiring_leakage:              # test_leakage.py fills wiring_copies with copies of wiring's images before it runs
     <<: *wiring
     explain_per_class: 0

@@ -5,6 +5,7 @@ import collections
 
 import dagster as dg
 import duckdb
+import numpy as np
 import pytest
 from dagster_duckdb import DuckDBResource
 
@@ -114,3 +115,38 @@ def test_all_experiments_shows_the_models_the_evaluations_recorded(chain):
     model_id = again.output_for_node("evaluation")["model_id"]
     assert {(line["experiment"], line["model"]) for line in lines} == {("wiring", model_id[:12])}
     assert 0.123 not in {line["accuracy"] for line in lines}
+
+
+def test_seeds_train_one_model_per_seed_on_one_split_and_compare_summarizes_them(tmp_path):
+    """`seeds: [0, 1]` (conftest's wiring_seeded): each seed is its own partition, trained for real."""
+    from emopipe.assets.common import CATALOG
+    from emopipe.core.compare import comparison
+    from emopipe.core.trace import trace
+    from emopipe.core.verify import verify
+    from emopipe.db import Database
+    from emopipe.definitions import ASSETS, CHECKS
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("EMOPIPE_DATA_DIR", str(tmp_path / "data"))
+        db_file = tmp_path / "data" / "emopipe.duckdb"
+        resources = {"duckdb": DuckDBResource(database=str(db_file), connection_config=CONNECTION_CONFIG),
+                     "io_manager": dg.FilesystemIOManager(base_dir=str(tmp_path / "io"))}
+        instance = dg.DagsterInstance.ephemeral()
+        models = {}
+        for partition in ("wiring_seeded", "wiring_seeded@seed1"):
+            result = dg.materialize([*ASSETS, *CHECKS], partition_key=partition, resources=resources, instance=instance,
+                                    raise_on_error=False)
+            assert result.success, partition
+            models[partition] = result.output_for_node("evaluation")["model_id"]
+        rows = query(db_file, "SELECT experiment, model_id, split_id FROM models ORDER BY experiment")
+        assert [r[0] for r in rows] == ["wiring_seeded", "wiring_seeded@seed1"]
+        assert len({r[1] for r in rows}) == 2 and len({r[2] for r in rows}) == 1  # two models, one split
+        table = comparison(Database(db_file), models, CATALOG.experiments)
+        for partition, model_id in models.items():  # each seed traces and verifies on its own
+            assert trace(Database(db_file), partition).model["model_id"] == model_id
+            assert verify(Database(db_file), partition, model_id=model_id, objects_root=tmp_path / "data" / "objects").problems == []
+    *seeds, summary = [r for r in table.rows if r["dataset"] == "wiring"]
+    assert [r["seed"] for r in seeds] == [0, 1]
+    accuracies = [r["accuracy"] for r in seeds]
+    assert summary["accuracy"] == pytest.approx(np.mean(accuracies))
+    assert summary["accuracy_std"] == pytest.approx(np.std(accuracies, ddof=1))
