@@ -90,8 +90,6 @@ def test_every_class_is_within_one_image_of_its_share(db, scheme):
         for part, pct in zip(PARTS, ratios):
             assert abs(counts[part] - n * pct / 100) < 1, (label, part, counts)
     assert result.small_classes == [] and result.n_images == len(labels)
-    assert f"| excitement | {result.counts['excitement']['train']} |" in result.markdown
-    assert result.markdown.splitlines()[-1].endswith(f"| {len(labels)} |")
     assert_checks_pass(db, result)
 
     again = split(db, scheme=scheme)  # idempotent: same id, nothing stored twice

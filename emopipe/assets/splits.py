@@ -44,7 +44,9 @@ def splits(context: dg.AssetExecutionContext, duckdb: DuckDBResource, filtered_i
         "n_images": result.n_images,
         **{f"n_{p}": n for p, n in parts.items()},
         "near_duplicate_groups_merged": result.n_groups_merged,
-        "counts": dg.MetadataValue.md(result.markdown),
+        "counts": table_metadata(["class", "train", "val", "test", "images"],
+                                 [[label, *(c.get(p, 0) for p in ("train", "val", "test")), sum(c.values())]
+                                  for label, c in sorted(result.counts.items())]),
         "messages": dg.MetadataValue.md("\n".join(f"- {m}" for m in result.small_classes + result.notes) or "none"),
     }
     handle = {"split_id": result.split_id, "filter_id": filtered_images["filter_id"], "dataset": exp.dataset, "scheme": exp.split}

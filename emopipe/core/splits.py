@@ -53,7 +53,6 @@ from emopipe.core.filtered_images import kept_image_ids
 from emopipe.core.perceptual_hashes import image_hashes
 from emopipe.db import Database, scratch
 from emopipe.errors import UserError
-from emopipe.markdown import markdown_table
 from emopipe.fingerprint import strictly_increasing, table_fingerprint
 
 PARTS = ("train", "val", "test")
@@ -173,7 +172,6 @@ class SplitResult:
     n_groups_merged: int  # near-duplicate groups of 2+ filtered images
     small_classes: list[str] = field(default_factory=list)  # one message per class kept in train
     notes: list[str] = field(default_factory=list)  # other things a reader should know, e.g. why a part lacks a class
-    markdown: str = ""
 
 
 @dataclass
@@ -229,7 +227,6 @@ def make_split(
         split_id=split_id, fingerprint=split_id, scheme=scheme, ratios=ratios, seed=seed,
         input_fingerprint=input_fingerprint, counts=done.counts, n_images=rows.num_rows,
         n_groups_merged=done.n_groups_merged, small_classes=done.small_classes, notes=done.notes,
-        markdown=counts_markdown(done.counts),
     )
 
 
@@ -617,16 +614,3 @@ def _names(labels: list[str], shown: int = 3) -> str:
         return f"{', '.join(quoted)} and {len(labels) - shown} more"
     return quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} and {quoted[-1]}"
 
-
-# ---------------------------------------------------------------------------------------------
-# Checks and metadata
-
-def counts_markdown(counts: dict[str, dict[str, int]]) -> str:
-    """A class x part table of image counts with totals, as Markdown."""
-    rows = []
-    for label in sorted(counts):
-        row = [counts[label].get(p, 0) for p in PARTS]
-        rows.append([label, *row, sum(row)])
-    totals = [sum(c.get(p, 0) for c in counts.values()) for p in PARTS]
-    rows.append(["**total**", *totals, sum(totals)])
-    return markdown_table(["class", *PARTS, "total"], rows, numeric=range(1, len(PARTS) + 2))
