@@ -104,8 +104,7 @@ def evaluation(context: dg.AssetExecutionContext, duckdb: DuckDBResource, traine
         "model_id": trained_model["model_id"],
         "split_id": split_id,
         "headline": dg.MetadataValue.md(headline),
-        "all_experiments": table_metadata(*comparison(db, _evaluated_models(context, exp.name, model_id),
-                                                      CATALOG.experiments).header_and_rows()),
+        "all_experiments": _rounded_table(comparison(db, _evaluated_models(context, exp.name, model_id), CATALOG.experiments)),
     }
     for r in rows:
         if r.class_name is None and r.metric in ("accuracy", "macro_f1", "mse") and r.part == "test":
@@ -158,6 +157,12 @@ def _evaluated_models(context: dg.AssetExecutionContext, current: str, model_id:
         recorded = records[0].asset_materialization.metadata.get("model_id") if records else None
         models[name] = model_id if name == current else recorded and recorded.value
     return models
+
+
+def _rounded_table(table) -> dg.MetadataValue:
+    """A compare table for the UI: numbers to 4 decimals, as `emopipe compare` prints them (they still sort)."""
+    header, rows = table.header_and_rows()
+    return table_metadata(header, [[round(v, 4) if isinstance(v, float) else v for v in row] for row in rows])
 
 
 def _summary(rows, dataset: str, reused: list[str]) -> str:

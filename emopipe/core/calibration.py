@@ -90,8 +90,10 @@ def reliability_png(bins: list[CalibrationBin], ece: float, title: str, path: st
     width = 1 / CALIBRATION_BINS
     top.bar([b.low for b in bins], [b.accuracy for b in bins], width=width, align="edge", color="#4c72b0",
             edgecolor="white", label="accuracy")
-    top.bar([b.low for b in bins], [b.confidence - b.accuracy for b in bins], bottom=[b.accuracy for b in bins],
-            width=width, align="edge", color="#dd8452", alpha=0.5, edgecolor="white", label="gap to confidence")
+    # The gap spans accuracy to mean confidence either way (over- or under-confident), never overlapping the bar.
+    top.bar([b.low for b in bins], [abs(b.confidence - b.accuracy) for b in bins],
+            bottom=[min(b.confidence, b.accuracy) for b in bins], width=width, align="edge", color="none",
+            edgecolor="#dd8452", hatch="//", label="gap to mean confidence")
     top.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
     top.set(ylim=(0, 1), ylabel="accuracy", title=f"{title}\nECE {ece:.3f} ({CALIBRATION_BINS} bins)")
     top.legend(loc="upper left", fontsize=8)
