@@ -14,14 +14,15 @@ from PIL import Image
 
 from emopipe.catalog import CatalogError, DatasetSpec, load_catalog
 from emopipe.core.dataset_versions import dataset_version, observed_datasets
-from emopipe.core.evaluation import (distribution_metrics, evaluated_images, evaluation_inputs_key, headline_markdown,
-                                     write_evaluation)
+from emopipe.core.evaluation import distribution_metrics, evaluated_images, evaluation_inputs_key, write_evaluation
+from emopipe.core.evaluation_views import headline_markdown
 from emopipe.core.filtered_images import filter_images
 from emopipe.core.images import build_arrays, default_arrays_root, load_array
 from emopipe.core.raw_images import attribute_matrix, ingest_dataset
 from emopipe.core.sources import SourceError
 from emopipe.core.sources.emotion6 import EMOTION6_CATEGORIES, EMOTION6_HEADER, EMOTION6_PROBABILITIES
-from emopipe.core.splits import make_split, near_duplicate_groups
+from emopipe.core.near_duplicates import near_duplicate_groups
+from emopipe.core.splits import make_split
 from emopipe.core.trained_model import load_checkpoint, load_training_data, predict, record_model, train_model
 from emopipe.core.verify import verify
 from emopipe.paths import objects_dir

@@ -14,13 +14,15 @@ from dagster_duckdb import DuckDBResource
 from PIL import Image
 
 from emopipe.catalog import DatasetSpec
-from emopipe.core.evaluation import MetricRow, headline_markdown
+from emopipe.core.evaluation import MetricRow
+from emopipe.core.evaluation_views import headline_markdown
 from emopipe.core.filtered_images import filter_images
 from emopipe.core.images import build_arrays
 from emopipe.core.leakage import COPY, NEAR_DUPLICATE, overlapping_images
 from emopipe.core.raw_images import ingest_dataset
 from emopipe.core.split_is_sound import verify_split
-from emopipe.core.splits import make_split, near_any, near_duplicate_groups, official_overlap
+from emopipe.core.near_duplicates import near_any, near_duplicate_groups
+from emopipe.core.splits import make_split, official_overlap
 from emopipe.core.synthetic import render, synthetic_listing
 from emopipe.db import CONNECTION_CONFIG
 from emopipe.fingerprint import sha256_bytes

@@ -16,7 +16,8 @@ from emopipe.core.filtered_images import filter_images
 from emopipe.core.images import build_arrays
 from emopipe.core.raw_images import ingest_dataset
 from emopipe.core.split_is_sound import verify_split
-from emopipe.core.splits import make_split, near_duplicate_groups
+from emopipe.core.near_duplicates import near_duplicate_groups
+from emopipe.core.splits import make_split
 from emopipe.core.trained_model import TrainingError, load_training_data
 from emopipe.db import Database
 

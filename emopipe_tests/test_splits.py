@@ -14,14 +14,8 @@ import pytest
 from PIL import Image
 
 from emopipe.core.perceptual_hashes import perceptual_hash
-from emopipe.core.splits import (
-    PARTS,
-    SplitError,
-    assign_parts,
-    duplicate_groups,
-    make_split,
-    parse_scheme,
-)
+from emopipe.core.near_duplicates import duplicate_groups
+from emopipe.core.splits import PARTS, SplitError, assign_parts, make_split, parse_scheme
 from emopipe.core.split_is_sound import verify_split
 from emopipe.fingerprint import sha256_bytes
 from emopipe_tests.conftest import encode

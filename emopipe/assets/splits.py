@@ -5,7 +5,8 @@ from dagster_duckdb import DuckDBResource
 
 from emopipe.assets.common import CATALOG, CODE_VERSION, database, experiment, experiment_check, experiment_partitions, table_metadata, recorded_metadata, user_errors, versioned_output
 from emopipe.core.split_is_sound import verify_split
-from emopipe.core.splits import make_split, near_duplicate_groups, official_overlap
+from emopipe.core.near_duplicates import near_duplicate_groups
+from emopipe.core.splits import make_split, official_overlap
 
 
 @dg.asset(

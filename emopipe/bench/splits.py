@@ -16,7 +16,8 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from emopipe.core.splits import PARTS, assign_parts, duplicate_groups, make_split
+from emopipe.core.near_duplicates import duplicate_groups
+from emopipe.core.splits import PARTS, assign_parts, make_split
 from emopipe.db import Database
 from emopipe.fingerprint import table_fingerprint
 

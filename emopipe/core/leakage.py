@@ -15,7 +15,7 @@ from typing import Sequence
 import pyarrow as pa
 
 from emopipe.core.perceptual_hashes import image_hashes
-from emopipe.core.splits import NEAR_DUPLICATE_DISTANCE, near_any
+from emopipe.core.near_duplicates import NEAR_DUPLICATE_DISTANCE, near_any
 from emopipe.db import Database
 
 COPY = "copy"  # the same bytes as a train or val image

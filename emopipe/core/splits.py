@@ -1,9 +1,10 @@
-"""Train/val/test splits of a filtered image set, computed in DuckDB SQL, plus near-duplicate grouping.
+"""Train/val/test splits of a filtered image set, computed in DuckDB SQL (near-duplicate groups: core/near_duplicates.py;
+the messages about classes a part lacks: core/split_notes.py).
 
 How a ratio split ("70/15/15", any "a/b/c" summing to 100) is made:
 
 - Units. Near-duplicate images (same photo re-encoded, resized, slightly edited) are grouped
-  (`duplicate_groups`), and a group is the unit that gets a part, so no photo leaks across parts.
+  (`near_duplicates.duplicate_groups`), and a group is the unit that gets a part, so no photo leaks across parts.
   A group is stratified under its majority label (ties: the alphabetically first label). An image
   with no label counts as the class "(no label)".
 - Targets. Per class, each part's target is its share of the class's images, rounded by largest
@@ -46,21 +47,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
-from emopipe.core.filtered_images import kept_image_ids
-from emopipe.core.perceptual_hashes import image_hashes
+from emopipe.core.near_duplicates import near_duplicate_groups
+from emopipe.core.split_notes import PARTS, missing_class_messages
 from emopipe.db import Database, scratch
 from emopipe.errors import UserError
 from emopipe.fingerprint import strictly_increasing, table_fingerprint
 
-PARTS = ("train", "val", "test")
 NO_LABEL = "(no label)"
 OFFICIAL_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
-# Hashes at most this many bits apart are near-duplicates: what the split groups, and what evaluation
-# leaves out of a cross-dataset test set (core/leakage.py).
-NEAR_DUPLICATE_DISTANCE = 4
 
 
 class SplitError(UserError):
@@ -79,81 +74,6 @@ def parse_scheme(scheme: str) -> tuple[int, int, int] | None:
             "a > 0 (train/val/test, e.g. 70/15/15 or 80/10/10; val or test may be 0)"
         )
     return ratios
-
-
-# ---------------------------------------------------------------------------------------------
-# Near-duplicates
-
-def duplicate_groups(image_ids: list[str], hashes: np.ndarray, max_distance: int = NEAR_DUPLICATE_DISTANCE) -> dict[str, str]:
-    """image_id -> group key (the smallest image_id of its group), for every given image.
-
-    Images whose hashes differ in at most `max_distance` bits are linked, and linked images form
-    a group (connected components, so chains A~B~C group A with C). Candidates come from band LSH:
-    the 64 bits are cut into max_distance+1 bands, and two hashes within the distance agree on at
-    least one whole band (pigeonhole), so an equi-join per band finds every close pair without
-    comparing all pairs. Identical hashes are collapsed first, so exact duplicates cost nothing.
-    Cost grows quickly with max_distance (narrower bands, fuller buckets): keep it small (<= 8).
-    """
-    if len(image_ids) != len(hashes):
-        raise ValueError(f"{len(image_ids)} image ids but {len(hashes)} hashes")
-    if not 0 <= max_distance < 64:
-        raise ValueError(f"max_distance must be in 0..63, got {max_distance}")
-    ids = np.asarray(image_ids, dtype=object)
-    unique, which = np.unique(np.asarray(hashes, dtype=np.uint64), return_inverse=True)
-    pairs = _close_pairs(unique, max_distance) if max_distance else np.empty((0, 2), np.int64)
-    graph = coo_matrix((np.ones(len(pairs), np.int8), (pairs[:, 0], pairs[:, 1])), shape=(len(unique),) * 2)
-    _, component_of_hash = connected_components(graph, directed=False)
-    component = component_of_hash[which]
-    order = np.argsort(ids.astype(str), kind="stable")
-    components_sorted, first = np.unique(component[order], return_index=True)
-    smallest = np.empty(component.max() + 1 if len(component) else 0, dtype=object)
-    smallest[components_sorted] = ids[order[first]]
-    return dict(zip(image_ids, smallest[component].tolist()))
-
-
-def near_any(query: np.ndarray, reference: np.ndarray, max_distance: int = NEAR_DUPLICATE_DISTANCE) -> np.ndarray:
-    """(len(query),) bool: whether each query hash is within `max_distance` bits of some reference hash
-    (an equal hash included), by the same band LSH as duplicate_groups. Direct matches only: a query image
-    is not flagged through a chain of other query images."""
-    if not 0 <= max_distance < 64:
-        raise ValueError(f"max_distance must be in 0..63, got {max_distance}")
-    both = np.concatenate([np.asarray(query, np.uint64), np.asarray(reference, np.uint64)])
-    unique, which = np.unique(both, return_inverse=True)
-    is_reference = np.zeros(len(unique), bool)
-    is_reference[which[len(query):]] = True
-    near = is_reference.copy()
-    if max_distance and len(unique) > 1:
-        i, j = _close_pairs(unique, max_distance).T
-        np.logical_or.at(near, i, is_reference[j])
-        np.logical_or.at(near, j, is_reference[i])
-    return near[which[:len(query)]]
-
-
-def _close_pairs(unique: np.ndarray, max_distance: int) -> np.ndarray:
-    """Index pairs (i < j) of distinct hashes within max_distance bits, by a band equi-join in DuckDB."""
-    n_bands = max_distance + 1
-    edges = np.linspace(0, 64, n_bands + 1).astype(int)
-    bands = pa.table({
-        "band": list(range(n_bands)),
-        "shift": [int(lo) for lo in edges[:-1]],
-        "mask": pa.array([(1 << int(hi - lo)) - 1 for lo, hi in zip(edges[:-1], edges[1:])], pa.uint64()),
-    })
-    hashes = pa.table({"idx": np.arange(len(unique), dtype=np.int64), "h": unique})
-    with scratch() as conn:
-        conn.register("hashes", hashes)
-        conn.register("bands", bands)
-        result = conn.execute(
-            """
-            WITH keyed AS (
-                SELECT idx, h, band, (h >> shift) & mask AS v FROM hashes, bands
-            )
-            SELECT DISTINCT a.idx AS i, b.idx AS j
-            FROM keyed a JOIN keyed b ON a.band = b.band AND a.v = b.v AND a.idx < b.idx
-            WHERE bit_count(xor(a.h, b.h)) <= ?
-            """,
-            [max_distance],
-        ).fetchnumpy()
-    return np.stack([result["i"], result["j"]], axis=1).astype(np.int64) if len(result["i"]) else np.empty((0, 2), np.int64)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,13 +161,6 @@ def _store_rows(conn, split_id: str, rows: pa.Table) -> None:
     conn.unregister("new_split_rows")
 
 
-def near_duplicate_groups(db: Database, filter_id: str) -> dict[str, str]:
-    """Groups of near-identical images among the kept ones, by perceptual hash of their 32 px arrays
-    (each image hashed once, then read from `perceptual_hashes`)."""
-    ids = kept_image_ids(db, filter_id)
-    return duplicate_groups(ids, image_hashes(db, ids)) if ids else {}
-
-
 def recomputed_split_id(db: Database, *, dataset: str, filter_id: str, scheme: str, seed: int,
                         split_column: str = "split") -> str:
     """The split id that `make_split` gives for these settings on the stored rows now (nothing written):
@@ -297,7 +210,7 @@ def assign_parts(
         rows = conn.sql("SELECT image_id, label, key, official, part FROM assigned ORDER BY image_id").to_arrow_table()
         n_merged = conn.execute("SELECT count(*) FROM units WHERE size > 1").fetchall()[0][0]
         counts = _part_counts(conn)
-        small, notes = ([], _official_notes(conn)) if ratios is None else _missing_class_messages(conn, ratios, counts)
+        small, notes = ([], _official_notes(conn)) if ratios is None else missing_class_messages(conn, ratios, counts)
         return Assignment(rows, counts, n_merged, small, notes)
 
 
@@ -328,7 +241,7 @@ def _assign_single_images(items: pa.Table, ratios: tuple[int, int, int], seed: i
         rows = pa.table({"image_id": items["image_id"], "label": items["label"], "key": items["image_id"],
                          "official": items["official"], "part": parts})
         counts = _part_counts(conn)
-        small, notes = _missing_class_messages(conn, ratios, counts)
+        small, notes = missing_class_messages(conn, ratios, counts)
         return Assignment(rows, counts, 0, small, notes)
 
 
@@ -510,107 +423,3 @@ def _official_notes(conn) -> list[str]:
         return []
     return [f"{moved} images moved from their official part so that each near-duplicate group is in one part "
             f"(a group spanning parts goes to test, else val)"]
-
-
-def _missing_class_messages(conn, ratios: tuple[int, int, int], counts: dict[str, dict[str, int]]) -> tuple[list[str], list[str]]:
-    """(small_classes, notes) of a ratio split: each class kept whole in train, and each class that has no
-    image in a part with a share, with the cause (too few images, too few near-duplicate groups, its
-    groups going with another class, or a group larger than a part's target)."""
-    shared_parts = [p for p, r in zip(PARTS, ratios) if r]
-    missing = {label: [p for p in shared_parts if not parts[p]] for label, parts in counts.items()}
-    small = conn.execute(
-        """SELECT s.stratum, s.n, s.n_groups, bool_or(t.pct > 0 AND t.target = 0) AS too_few_images
-           FROM strata s JOIN small USING (stratum) JOIN targets t USING (stratum) GROUP BY ALL ORDER BY 1""").fetchall()
-    strata = {s for (s,) in conn.execute("SELECT stratum FROM strata").fetchall()}
-    split_strata = strata - {s for s, *_ in small}
-    emptied = {label: parts for label, parts in sorted(missing.items()) if parts and label in split_strata}
-    absorbed = sorted(label for label, parts in missing.items() if parts and label not in strata)
-    # Only near-duplicate groups (and so the members and units tables) make these: split image by image, a
-    # small class is small by its image count, and every other class fills every part.
-    grouped = _class_groups(conn, [s for s, _, _, too_few in small if not too_few] + absorbed)
-    scheme = "/".join(map(str, ratios))
-    small_classes = []
-    for stratum, n, n_groups, too_few_images in small:
-        outcome = f"{_where_they_went(counts[stratum])}{_missing_clause(stratum, missing[stratum])}"
-        cause = (f"{n} images in {n_groups} groups, too few for {scheme} (every part with a share needs at least one)"
-                 if too_few_images else f"its {sum(counts[stratum].values())} images form {grouped[stratum].described()}, "
-                                        f"fewer than the {len(shared_parts)} parts with a share")
-        small_classes.append(f"class {stratum!r}: {cause}, so {outcome}")
-    notes = [_absorbed_message(label, counts[label], missing[label], grouped[label]) for label in absorbed]
-    return small_classes, _emptied_parts(conn, emptied) + notes
-
-
-def _absorbed_message(label: str, parts: dict[str, int], missing: list[str], groups: ClassGroups) -> str:
-    """Why a class that is no stratum (all its images in groups of another majority) lacks a part."""
-    verb = "is" if groups.n_groups == 1 else "are"
-    return (f"class {label!r}: its {sum(parts.values())} images are in {groups.described()} that {verb} split as "
-            f"{_names(groups.majorities)} (a group goes with its majority label, ties to the first by name), so "
-            f"{_where_they_went(parts)}{_missing_clause(label, missing)}")
-
-
-@dataclass(frozen=True)
-class ClassGroups:
-    """The near-duplicate groups holding a class's images: what a message about that class cites."""
-
-    n_groups: int
-    largest: int  # images in the largest of them, of any class
-    others: list[str]  # the other classes with images in them
-    majorities: list[str]  # the other classes some of them are split as (their majority label)
-
-    def described(self) -> str:
-        shared = f", shared with {_names(self.others)}" if self.others else ""
-        plural = "" if self.n_groups == 1 else "s"
-        return f"{self.n_groups} near-duplicate group{plural} (largest {self.largest} images{shared})"
-
-
-def _class_groups(conn, labels: list[str]) -> dict[str, ClassGroups]:
-    """ClassGroups of each of `labels`, from the members and units tables of assign_parts."""
-    if not labels:
-        return {}
-    rows = conn.execute(
-        """WITH held AS (
-               SELECT label, gid FROM members WHERE label IN (SELECT unnest($1::VARCHAR[])) GROUP BY ALL
-           ), shared AS (
-               SELECT h.label, list(DISTINCT m.label ORDER BY m.label) AS others
-               FROM held h JOIN members m USING (gid) WHERE m.label <> h.label GROUP BY h.label
-           )
-           SELECT h.label, count(*), max(u.size), coalesce(any_value(s.others), []),
-                  coalesce(list(DISTINCT u.stratum ORDER BY u.stratum) FILTER (WHERE u.stratum <> h.label), [])
-           FROM held h JOIN units u USING (gid) LEFT JOIN shared s USING (label) GROUP BY h.label""",
-        [labels]).fetchall()
-    return {label: ClassGroups(n_groups, largest, others, majorities) for label, n_groups, largest, others, majorities in rows}
-
-
-def _emptied_parts(conn, missing: dict[str, list[str]]) -> list[str]:
-    """The messages for classes that were split but got no image in some part: their groups are too large."""
-    if not missing:
-        return []
-    rows = conn.execute(
-        """SELECT t.stratum, t.part, t.target, s.largest FROM targets t JOIN strata s USING (stratum)
-           WHERE t.stratum IN (SELECT unnest($1::VARCHAR[])) ORDER BY t.stratum, t.ord""", [list(missing)]).fetchall()
-    return [
-        f"class {stratum!r}: {part} got no images although its target is {target}: the class's near-duplicate "
-        f"groups (largest {largest} images) are larger than that"
-        for stratum, part, target, largest in rows if part in missing[stratum]
-    ]
-
-
-def _where_they_went(parts: dict[str, int]) -> str:
-    went = [p for p in PARTS if parts.get(p)]
-    return "they all went to train" if went == ["train"] else f"they went to {' and '.join(went)}"
-
-
-def _missing_clause(label: str, parts: list[str]) -> str:
-    """": val and test have no 'anger' image", or nothing when no part lacks the class."""
-    if not parts:
-        return ""
-    return f": {' and '.join(parts)} {'has' if len(parts) == 1 else 'have'} no {label!r} image"
-
-
-def _names(labels: list[str], shown: int = 3) -> str:
-    """'a', 'b' and 'c'; past `shown` names, the count of the others."""
-    quoted = [repr(label) for label in labels[:shown]]
-    if len(labels) > shown:
-        return f"{', '.join(quoted)} and {len(labels) - shown} more"
-    return quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} and {quoted[-1]}"
-
