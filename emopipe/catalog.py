@@ -6,16 +6,13 @@ the key and the allowed values, so `dagster definitions validate` shows it witho
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from emopipe.errors import UserError
+from emopipe.catalog_entry import CatalogEntry, CatalogError, check_name, did_you_mean, read_catalog_file
 
 BUILTIN_CATALOG = Path(__file__).with_name("catalog.yaml")
 
@@ -31,19 +28,6 @@ TEXT_ENGINES = ("easyocr", "ppocr")
 DEFAULT_TEXT_ENGINE = "easyocr"
 SCHEDULES = ("cosine", "plateau", "none")
 PRETRAINED_KINDS = ("none", "timm", "efficientnet_lite0", "a path to a weights file")
-
-
-class CatalogError(UserError):
-    """A user mistake in a catalog file: the message names file, key and allowed values."""
-
-
-_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
-
-
-def did_you_mean(word, known) -> str:
-    """" (did you mean 'epochs'?)" for the closest known name, or nothing."""
-    close = difflib.get_close_matches(str(word), [str(k) for k in known], n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 @dataclass(frozen=True)
@@ -206,7 +190,7 @@ def load_catalog(path: str | os.PathLike | None = None) -> Catalog:
     raw_datasets: dict[str, tuple[dict, Path]] = {}
     raw_experiments: dict[str, tuple[dict, Path]] = {}
     for file in files:
-        doc = _read_yaml(file)
+        doc = read_catalog_file(file)
         for section, target in (("datasets", raw_datasets), ("experiments", raw_experiments)):
             entries = doc.get(section) or {}
             if not isinstance(entries, dict):
@@ -214,7 +198,7 @@ def load_catalog(path: str | os.PathLike | None = None) -> Catalog:
             for name, entry in entries.items():
                 if not isinstance(entry, dict):
                     raise CatalogError(f"{file}: {section}.{name}: expected a mapping of keys")
-                _check_name(file, f"{section}.{name}", name)
+                check_name(file, f"{section}.{name}", name)
                 target[str(name)] = (entry, file)
     datasets = {n: _dataset(n, e, f) for n, (e, f) in raw_datasets.items()}
     experiments = {spec.name: spec for n, (e, f) in raw_experiments.items()
@@ -222,95 +206,27 @@ def load_catalog(path: str | os.PathLike | None = None) -> Catalog:
     return Catalog(datasets, experiments, tuple(str(f) for f in files))
 
 
-def _read_yaml(file: Path) -> dict:
-    try:
-        text = Path(file).read_text()
-    except OSError as e:
-        raise CatalogError(f"{file}: cannot read the catalog file ({e.strerror}); set EMOPIPE_CATALOG to an existing YAML file") from None
-    try:
-        doc = yaml.safe_load(text) or {}
-    except yaml.YAMLError as e:
-        raise CatalogError(f"{file}: not valid YAML: {e}") from None
-    if not isinstance(doc, dict):
-        raise CatalogError(f"{file}: top level must be a mapping with 'datasets' and/or 'experiments'")
-    unknown = set(doc) - {"datasets", "experiments"}
-    if unknown:
-        raise CatalogError(f"{file}: unknown top-level key(s) {sorted(unknown)}; allowed: datasets, experiments")
-    return doc
-
-
-def _check_name(file, key, name):
-    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
-        raise CatalogError(f"{file}: {key}: names may use letters, digits, '_', '-', '.' only")
-
-
-class _Entry:
-    """Reads one catalog entry, turning every mistake into a CatalogError with file and key."""
-
-    def __init__(self, file: Path, key: str, entry: dict, allowed: set[str]):
-        self.file, self.key, self.entry = file, key, entry
-        unknown = sorted(set(map(str, entry)) - allowed)
-        if unknown:
-            self.fail(f"unknown key(s) {unknown}{did_you_mean(unknown[0], allowed)}", allowed=sorted(allowed))
-
-    def fail(self, message: str, sub: str | None = None, allowed=None):
-        key = f"{self.key}.{sub}" if sub else self.key
-        hint = f"; allowed: {', '.join(map(str, allowed))}" if allowed is not None else ""
-        raise CatalogError(f"{self.file}: {key}: {message}{hint}")
-
-    def get(self, name, kind, default=None, choices=None, required=False):
-        if name not in self.entry or self.entry[name] is None:
-            if required:
-                self.fail("is required", name, choices)
-            return default
-        value = self.entry[name]
-        if kind is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
-            # YAML 1.1 (PyYAML) reads 1e-4 as a string: it wants a dot (1.0e-4). Writers mean a number.
-            value = float(value)
-        ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value, ok = float(value), True
-        if not ok:
-            names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
-            self.fail(f"expected {names}, got {value!r}", name, choices)
-        if choices is not None and value not in choices:
-            self.fail(f"{value!r} is not allowed{did_you_mean(value, choices)}", name, choices)
-        return value
-
-    def str_list(self, name) -> tuple[str, ...]:
-        value = self.entry.get(name) or []
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            self.fail(f"expected a list of names, got {value!r}", name)
-        return tuple(value)
-
-    def str_map(self, name, value=None) -> dict[str, str]:
-        value = self.entry.get(name) if value is None else value
-        if not value:
-            return {}
-        if not isinstance(value, dict):
-            self.fail(f"expected a mapping label -> class, got {value!r}", name)
-        return {str(k): str(v) for k, v in value.items()}
-
-    def thresholds(self, name="text_thresholds") -> TextThresholds | None:
-        value = self.entry.get(name)
-        if value is None:
-            return None
-        allowed = {f.name for f in fields(TextThresholds)}
-        sub = _Entry(self.file, f"{self.key}.{name}", value if isinstance(value, dict) else {}, allowed)
-        if not isinstance(value, dict):
-            sub.fail("expected a mapping", allowed=sorted(allowed))
-        return TextThresholds(
-            min_confidence=sub.get("min_confidence", float, TextThresholds.min_confidence),
-            min_area=sub.get("min_area", float, TextThresholds.min_area),
-            min_chars=sub.get("min_chars", int, TextThresholds.min_chars),
-        )
+def _thresholds(e: CatalogEntry, name: str = "text_thresholds") -> TextThresholds | None:
+    """The entry's `text_thresholds` mapping (or None), each value checked."""
+    value = e.entry.get(name)
+    if value is None:
+        return None
+    allowed = {f.name for f in fields(TextThresholds)}
+    sub = CatalogEntry(e.file, f"{e.key}.{name}", value if isinstance(value, dict) else {}, allowed)
+    if not isinstance(value, dict):
+        sub.fail("expected a mapping", allowed=sorted(allowed))
+    return TextThresholds(
+        min_confidence=sub.get("min_confidence", float, TextThresholds.min_confidence),
+        min_area=sub.get("min_area", float, TextThresholds.min_area),
+        min_chars=sub.get("min_chars", int, TextThresholds.min_chars),
+    )
 
 
 DATASET_KEYS = {f.name for f in fields(DatasetSpec)} - {"name", "origin"}
 SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 
 
-def _data_files(e: _Entry) -> tuple[DataFile, ...]:
+def _data_files(e: CatalogEntry) -> tuple[DataFile, ...]:
     value = e.entry.get("files") or []
     if not isinstance(value, list):
         value = [value]
@@ -320,7 +236,7 @@ def _data_files(e: _Entry) -> tuple[DataFile, ...]:
             item = {"url" if re.match(r"https?://", item) else "path": item}
         if not isinstance(item, dict):
             e.fail(f"entry {i}: expected a path, a URL or {{url|path: ..., sha256: ...}}", "files")
-        sub = _Entry(e.file, f"{e.key}.files[{i}]", item, {"url", "path", "sha256"})
+        sub = CatalogEntry(e.file, f"{e.key}.files[{i}]", item, {"url", "path", "sha256"})
         url, path, sha256 = sub.get("url", str), sub.get("path", str), sub.get("sha256", str)
         if bool(url) == bool(path):
             sub.fail("give exactly one of 'url' (http(s)) or 'path'")
@@ -333,7 +249,7 @@ def _data_files(e: _Entry) -> tuple[DataFile, ...]:
 
 
 def _dataset(name: str, entry: dict, file: Path) -> DatasetSpec:
-    e = _Entry(file, f"datasets.{name}", entry, DATASET_KEYS)
+    e = CatalogEntry(file, f"datasets.{name}", entry, DATASET_KEYS)
     source = e.get("source", str, choices=SOURCES, required=True)
     spec = DatasetSpec(
         name=name,
@@ -352,7 +268,7 @@ def _dataset(name: str, entry: dict, file: Path) -> DatasetSpec:
         retry_failed_urls=e.get("retry_failed_urls", bool, False),
         n_per_class=e.get("n_per_class", int, 100),
         seed=e.get("seed", int, 0),
-        text_thresholds=e.thresholds(),
+        text_thresholds=_thresholds(e),
         text_engine=e.get("text_engine", str, None, TEXT_ENGINES),
         description=e.get("description", str, ""),
         origin=str(file),
@@ -402,7 +318,7 @@ def _seeds(name: str, entry: dict, file: Path) -> tuple[int, ...]:
     value = entry.get("seeds")
     if value is None:
         return ()
-    e = _Entry(file, f"experiments.{name}", {}, set())
+    e = CatalogEntry(file, f"experiments.{name}", {}, set())
     if not isinstance(value, list) or not value or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in value):
         e.fail(f"expected a non-empty list of non-negative integers, got {value!r}", "seeds", ["[0, 1, 2]"])
     if len(set(value)) != len(value):
@@ -420,7 +336,7 @@ def seed_partitions(spec: ExperimentSpec, seeds: tuple[int, ...]) -> list[Experi
                                 seed_group=spec.name, split_seed=seeds[0]) for seed in seeds]
 
 
-def _head_hidden(e: _Entry) -> int | tuple[int, ...]:
+def _head_hidden(e: CatalogEntry) -> int | tuple[int, ...]:
     value = e.entry.get("head_hidden", 256)
     widths = value if isinstance(value, list) else [value]
     if not widths or not all(isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in widths):
@@ -431,7 +347,7 @@ def _head_hidden(e: _Entry) -> int | tuple[int, ...]:
 def _experiment(name: str, entry: dict, file: Path, datasets: dict[str, DatasetSpec]) -> ExperimentSpec:
     # Long on purpose: one statement per catalog key, in the order of ExperimentSpec, so a reader checks a
     # key's type, default and allowed values in one place.
-    e = _Entry(file, f"experiments.{name}", entry, EXPERIMENT_KEYS)
+    e = CatalogEntry(file, f"experiments.{name}", entry, EXPERIMENT_KEYS)
     dataset = e.get("dataset", str, choices=sorted(datasets), required=True)
     evals = []
     for i, item in enumerate(entry.get("eval_datasets") or []):
@@ -439,7 +355,7 @@ def _experiment(name: str, entry: dict, file: Path, datasets: dict[str, DatasetS
             item = {"dataset": item}
         if not isinstance(item, dict):
             e.fail(f"entry {i}: expected a dataset name or {{dataset: NAME, class_map: {{...}}}}", "eval_datasets")
-        sub = _Entry(file, f"experiments.{name}.eval_datasets[{i}]", item, {"dataset", "class_map"})
+        sub = CatalogEntry(file, f"experiments.{name}.eval_datasets[{i}]", item, {"dataset", "class_map"})
         evals.append(EvalDataset(sub.get("dataset", str, choices=sorted(datasets), required=True), sub.str_map("class_map")))
         if evals[-1].dataset == dataset:
             sub.fail("is the experiment's own dataset; its test part is evaluated already", "dataset")
@@ -454,14 +370,14 @@ def _experiment(name: str, entry: dict, file: Path, datasets: dict[str, DatasetS
     ref = entry.get("reference")
     reference = None
     if ref is not None:
-        sub = _Entry(file, f"experiments.{name}.reference", ref if isinstance(ref, dict) else {}, {"metric", "value", "source"})
+        sub = CatalogEntry(file, f"experiments.{name}.reference", ref if isinstance(ref, dict) else {}, {"metric", "value", "source"})
         if not isinstance(ref, dict):
             sub.fail("expected {metric: NAME, value: NUMBER, source: TEXT}")
         reference = Reference(sub.get("metric", str, required=True), sub.get("value", float, required=True), sub.get("source", str, ""))
     tune = None
     if entry.get("tune") is not None:
         raw = entry["tune"] if isinstance(entry["tune"], dict) else {}
-        sub = _Entry(file, f"experiments.{name}.tune", raw, {f.name for f in fields(TuneSpec)})
+        sub = CatalogEntry(file, f"experiments.{name}.tune", raw, {f.name for f in fields(TuneSpec)})
         if not isinstance(entry["tune"], dict):
             sub.fail("expected a mapping", allowed=sorted(f.name for f in fields(TuneSpec)))
         tune = TuneSpec(
@@ -478,7 +394,7 @@ def _experiment(name: str, entry: dict, file: Path, datasets: dict[str, DatasetS
         eval_datasets=tuple(evals),
         image_size=e.get("image_size", int, 224),
         text_filter=e.get("text_filter", bool, True),
-        text_thresholds=e.thresholds(),
+        text_thresholds=_thresholds(e),
         text_engine=e.get("text_engine", str, None, TEXT_ENGINES),
         split=split,
         seed=e.get("seed", int, 0),

@@ -10,14 +10,12 @@ from emopipe.core.evaluation import (
     EvaluationError,
     bootstrap_ci,
     classification_metrics,
-    confusion_from_rows,
-    confusion_png,
-    headline_markdown,
     map_labels,
     pearson_r,
     regression_metrics,
     write_evaluation,
 )
+from emopipe.core.evaluation_views import confusion_from_rows, confusion_png, headline_markdown
 
 CLASSES = ["a", "b", "c"]
 # 8 samples, 3 classes; class c is never predicted. Hand-computed below.

@@ -8,10 +8,8 @@ from dagster_duckdb import DuckDBResource
 from emopipe.assets.common import (
     ARRAY_ASSETS, CATALOG, CODE_VERSION, database, experiment, experiment_check, experiment_partitions, png_markdown, recorded_metadata, table_metadata, user_errors, versioned_output,
 )
-from emopipe.core.evaluation import (
-    confusion_from_rows, confusion_png, evaluated_images, evaluation_inputs_key, headline_markdown,
-    model_outputs, stored_evaluation, write_evaluation,
-)
+from emopipe.core.evaluation import evaluated_images, evaluation_inputs_key, model_outputs, stored_evaluation, write_evaluation
+from emopipe.core.evaluation_views import confusion_from_rows, confusion_png, headline_markdown
 from emopipe.core.calibration import reliability_png, stored_bins
 from emopipe.core.compare import comparison
 from emopipe.core.error_browser import class_errors, write_error_pngs

@@ -29,7 +29,8 @@ from typing import Sequence
 from emopipe.atomic import atomic_write
 from emopipe.catalog import ExperimentSpec
 from emopipe.core.calibration import CALIBRATION_BINS, reliability_png, stored_bins
-from emopipe.core.evaluation import MetricRow, confusion_from_rows, confusion_png, headline_markdown
+from emopipe.core.evaluation import MetricRow
+from emopipe.core.evaluation_views import confusion_from_rows, confusion_png, headline_markdown
 from emopipe.core.preview import thumbnails
 from emopipe.core.trace import Trace, format_trace, trace
 from emopipe.core.verify import verify
