@@ -3,7 +3,9 @@ every machine) and the checkpoint bytes of a few deterministic CPU trainings and
 
 Checkpoint bytes depend on the CPU's vector instructions and on the number of threads (both change the
 order the kernels sum in), so the trainings here run on one thread and model ids are pinned per CPU kind
-(the demo's per CPU kind and core count); where nothing is pinned the test skips and prints the ids."""
+(the demo's per CPU kind and core count). A CPU kind is the vendor and its widest vector extension: an AMD
+and an Intel CPU, both with AVX512-BF16, gave different bytes for all three trainings. Where nothing is
+pinned the test skips and prints the ids."""
 
 import hashlib
 import json
@@ -32,20 +34,28 @@ SPLIT_IDS = {  # (scheme, seed, with near-duplicate groups) -> split id, as the 
 # Re-pinned when the checkpoint's experiment record gained `text_engine`: the weights are unchanged (dropping
 # that key from the record gives back the earlier ids c7a37b56, 26315d65, d30a7837).
 MODEL_IDS = {  # CPU kind -> training -> model id
-    "avx512_bf16": {
+    "GenuineIntel avx512_bf16": {
         "finetune": "2965c3382f4020f494e1c9b35ad468ff4bdc81ad994f54498d8abc42ef2f2718",
         "probe": "67623320e6da2e7e3d23a1188dd69c75b80f6d45301893fe35eb607e64ee5d2c",
         "regression": "b6ad162974e0d19eaa80481bf20ce29ed9646861dbf9b6537c1fffd61d55c9ae",
     },
+    "AuthenticAMD avx512_bf16": {
+        "finetune": "5ebf45f65e1482d0c4ec7a4d03c1d3fcfd0bdabac3d5714a7c616b98eaec4cc0",
+        "probe": "fde63ea9fa7132a9875341d1ac83db2eeaf9ef51a1cbae7fab7d0b660f520652",
+        "regression": "639f5e8bcdf4379acd7cae6b36780adb17d558e0eb0ae9b78b4f1ec2834e9fd5",
+    },
 }
 DEMO_SPLIT_ID = "3ccc1f77dbf5f2f720303b994051c45435c44a5fc7494350f1c07625cb2ed480"
-DEMO_MODEL_IDS = {"avx512_bf16, 2 cores": "6e0e4e293448889a4cbf4d0e4ac589eff58d8d892647c683ac0296c1df756970"}  # eec9e919 before `text_engine`
+DEMO_MODEL_IDS = {"GenuineIntel avx512_bf16, 2 cores": "6e0e4e293448889a4cbf4d0e4ac589eff58d8d892647c683ac0296c1df756970"}  # eec9e919 before `text_engine`
 
 
 def cpu_kind() -> str:
-    flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("flags")), [])
-    return next((kind for kind in ("avx512_bf16", "avx512f", "avx2") if kind in flags), "other")
+    """"<vendor> <widest vector extension>", e.g. "AuthenticAMD avx512_bf16"."""
+    first_cpu = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
+    fields = {key.strip(): value.strip() for key, value in (line.split(":", 1) for line in first_cpu.splitlines() if ":" in line)}
+    flags = fields.get("flags", "").split()
+    widest = next((kind for kind in ("avx512_bf16", "avx512f", "avx2") if kind in flags), "other")
+    return f"{fields.get('vendor_id', 'unknown')} {widest}"
 
 
 def test_split_ids_stay_what_they_were():
