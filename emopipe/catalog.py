@@ -21,11 +21,14 @@ SPLIT_SCHEMES = ("70/15/15", "80/10/10", "official", "a/b/c summing to 100")
 MODES = ("finetune", "linear_probe")
 TASKS = ("classification", "regression")
 OPTIMIZERS = ("adamw", "sgd", "adagrad")
-# OCR engines of the text filter (emopipe/core/text_engines). EasyOCR stays the default: on the captioned-photo
-# set (`python -m emopipe.bench ocr --quality`) ppocr found 115 of 120 captions to EasyOCR's 117, at ~10x less
-# CPU; the default must not find less text than before, so ppocr is the opt-in fast engine until it does.
-TEXT_ENGINES = ("easyocr", "ppocr")
-DEFAULT_TEXT_ENGINE = "easyocr"
+# OCR engines of the text filter (emopipe/core/text_engines). ppocr is the default: on the captioned-photo set
+# (`python -m emopipe.bench ocr --quality`, figures in the README) it finds as many captions as EasyOCR with
+# about a tenth of EasyOCR's fp32 CPU time; why its input sizes and min_confidence: emopipe/core/text_engines/ppocr.py.
+TEXT_ENGINES = ("ppocr", "easyocr")
+DEFAULT_TEXT_ENGINE = "ppocr"
+# An engine's min_confidence where text_thresholds sets none: recognizers differ in how sure they are of the
+# same text. EasyOCR reads real text at 0.2-0.4 often; PP-OCR reads textures as short words at 0.2-0.4.
+ENGINE_MIN_CONFIDENCE = {"ppocr": 0.4, "easyocr": 0.2}
 SCHEDULES = ("cosine", "plateau", "none")
 PRETRAINED_KINDS = ("none", "timm", "efficientnet_lite0", "a path to a weights file")
 
@@ -34,9 +37,14 @@ PRETRAINED_KINDS = ("none", "timm", "efficientnet_lite0", "a path to a weights f
 class TextThresholds:
     """When an image counts as containing text (see README, 'Text filter')."""
 
-    min_confidence: float = 0.2  # both engines often find real text but read it at 0.2-0.4 confidence
+    min_confidence: float | None = None  # None: the engine's (ENGINE_MIN_CONFIDENCE)
     min_area: float = 0.001  # fraction of the image covered by boxes that pass min_confidence
     min_chars: int = 2  # ASCII letters and digits in the boxes that pass
+
+    def for_engine(self, engine: str) -> TextThresholds:
+        """These thresholds with the engine's min_confidence where none is set (what decisions and their
+        params_hash use, so the hash holds the number, not None)."""
+        return self if self.min_confidence is not None else replace(self, min_confidence=ENGINE_MIN_CONFIDENCE[engine])
 
     def as_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -171,7 +179,9 @@ class Catalog:
         return self.datasets[name]
 
     def thresholds(self, exp: ExperimentSpec) -> TextThresholds:
-        return exp.text_thresholds or self.datasets[exp.dataset].text_thresholds or TextThresholds()
+        """The experiment's text_thresholds, else its dataset's, else the defaults, for its text engine."""
+        chosen = exp.text_thresholds or self.datasets[exp.dataset].text_thresholds or TextThresholds()
+        return chosen.for_engine(self.text_engine(exp))
 
     def text_engine(self, exp: ExperimentSpec) -> str:
         return exp.text_engine or self.datasets[exp.dataset].text_engine or DEFAULT_TEXT_ENGINE

@@ -26,13 +26,25 @@ def test_builtin_demo_is_valid():
 def test_text_engine_comes_from_the_experiment_then_the_dataset_then_the_default(tmp_path):
     catalog = load_catalog(write(tmp_path, """
         datasets:
-          scans: {source: synthetic, text_engine: ppocr}
+          scans: {source: synthetic, text_engine: easyocr}
         experiments:
-          own: {dataset: scans, text_engine: easyocr}
+          own: {dataset: scans, text_engine: ppocr}
           inherited: {dataset: scans}
           plain: {dataset: demo}
         """))
-    assert [catalog.text_engine(catalog.experiment(e)) for e in ("own", "inherited", "plain")] == ["easyocr", "ppocr", "easyocr"]
+    assert [catalog.text_engine(catalog.experiment(e)) for e in ("own", "inherited", "plain")] == ["ppocr", "easyocr", "ppocr"]
+
+
+def test_each_engine_brings_its_own_min_confidence_unless_the_catalog_sets_one(tmp_path):
+    catalog = load_catalog(write(tmp_path, """
+        experiments:
+          fast: {dataset: demo}
+          easy: {dataset: demo, text_engine: easyocr}
+          strict: {dataset: demo, text_engine: easyocr, text_thresholds: {min_confidence: 0.7}}
+        """))
+    found = {e: catalog.thresholds(catalog.experiment(e)).as_dict() for e in ("fast", "easy", "strict")}
+    assert {e: t["min_confidence"] for e, t in found.items()} == {"fast": 0.4, "easy": 0.2, "strict": 0.7}
+    assert found["fast"]["min_area"] == 0.001 and found["strict"]["min_chars"] == 2
 
 
 def test_user_catalog_merges_over_builtin(tmp_path):
@@ -85,7 +97,7 @@ def test_catalog_from_environment(tmp_path, monkeypatch):
         ("datasets:\n  d:\n    source: archive\n    url: https://example.org/a.zip\n", "datasets.d.sha256", None),
         ("datasets:\n  d:\n    source: folder\n", "datasets.d.path", None),
         ("experiments:\n  x:\n    dataset: demo\n    text_thresholds: {min_conf: 0.5}\n", "experiments.x.text_thresholds", "min_confidence"),
-        ("experiments:\n  x:\n    dataset: demo\n    text_engine: tesseract\n", "experiments.x.text_engine", "easyocr, ppocr"),
+        ("experiments:\n  x:\n    dataset: demo\n    text_engine: tesseract\n", "experiments.x.text_engine", "ppocr, easyocr"),
     ],
 )
 def test_errors_name_file_key_and_allowed_values(tmp_path, text, key, allowed):

