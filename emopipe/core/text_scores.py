@@ -278,9 +278,9 @@ def score_text(
     (One function on purpose: cache lookup, OCR, storing and deciding share one engine key and one
     set of ids, and read best top to bottom.)
 
-    engine: "ppocr" or "easyocr" (emopipe/core/text_engines). ocr_size: longer side of the OCR input
-    (default: the engine's DEFAULT_OCR_SIZE). device: "cuda" or "cpu" (default: the engine's
-    default_device()). precision: the detector's, "fp32" or (easyocr) "bf16" (default: the engine's
+    engine: "ppocr" or "easyocr" (emopipe/core/text_engines). ocr_size: the engine's base longer side of
+    the OCR input (default: its DEFAULT_OCR_SIZE). device: "cuda" or "cpu" (default: the engine's
+    default_device()). precision: "fp32", or "bf16" on a CPU (default: the engine's
     default_precision(device)). workers: CPU reader processes (default: default_workers(engine)).
     batch_size: images per padded detector pass, in this process (default: the engine's GPU_BATCH on
     cuda; 1 on CPU, where the worker processes already keep the cores busy; part of the engine key).
