@@ -9,7 +9,8 @@ import pytest
 
 from emopipe.catalog import ExperimentSpec, load_catalog
 from emopipe.cli import main
-from emopipe.core.report import build_report, write_report
+from emopipe.core.evaluation import MetricRow
+from emopipe.core.report import build_report, per_class_html, write_report
 from emopipe.db import Database
 from emopipe_tests.test_assets import chain, query  # noqa: F401  (chain: a fixture, used by name)
 from emopipe_tests.test_trace import EXPERIMENT, lineage  # noqa: F401  (lineage: a fixture)
@@ -42,6 +43,20 @@ def test_report_holds_the_numbers_and_embeds_every_image(report):
         assert re.search(rf'<img src="data:image/png;base64,[A-Za-z0-9+/]+=*" alt="{alt}', page), alt
     assert "verified: every number" in page
     assert not re.search(r'src="(?!data:)|href=|url\(|@import|<link', page)  # nothing outside the file
+
+
+def test_per_class_table_holds_classes_only():
+    """Calibration bins and confusion cells are stored with a class_name too; the table shows only classes."""
+    rows = [MetricRow("f1", 0.8, "joy", n=5, dataset="d", part="test"),
+            MetricRow("precision", 0.75, "joy", n=5, dataset="d", part="test"),
+            MetricRow("f1", 0.5, "fear", n=3, dataset="d", part="test"),
+            MetricRow("calibration_accuracy", 1.0, "0.933-1.000", n=4, dataset="d", part="test"),
+            MetricRow("calibration_confidence", 0.97, "0.933-1.000", n=4, dataset="d", part="test"),
+            MetricRow("confusion_count", 2, "joy->fear", n=2, dataset="d", part="test"),
+            MetricRow("f1", 0.1, "joy", n=9, dataset="d", part="val")]
+    table = per_class_html(rows, ["joy", "fear"], "d")
+    assert re.findall(r"<tr><td>([^<]*)</td>", table) == ["joy", "fear"]
+    assert "calibration" not in table and "0.933" not in table and "confusion" not in table
 
 
 def test_report_shows_what_the_text_filter_removed(db, lineage):  # noqa: F811

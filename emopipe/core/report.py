@@ -164,8 +164,9 @@ def headline_html(rows: Sequence[MetricRow], exp: ExperimentSpec) -> str:
 
 def per_class_html(rows: Sequence[MetricRow], classes: Sequence[str], dataset: str) -> str:
     """One line per class (or regression target) of the test part: its n and each per-class metric."""
+    # Confusion cells and calibration bins also carry a class_name (the cell, the bin): their own sections draw them.
     cells = {(r.class_name, r.metric): r for r in rows if r.dataset == dataset and r.part == "test"
-             and r.class_name is not None and not r.metric.startswith("confusion_")}
+             and r.class_name is not None and not r.metric.startswith(("confusion_", "calibration_"))}
     if not cells:
         return "<p>No per-class rows for this part.</p>"
     known = list(PER_CLASS_ORDER)
