@@ -31,7 +31,6 @@ from emopipe.fingerprint import sha256_bytes
 from emopipe.paths import object_path
 
 
-
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m emopipe.bench ocr", description=__doc__)
     parser.add_argument("--quality", action="store_true", help="the whole captioned-photo set (~240 images)")

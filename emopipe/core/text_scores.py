@@ -1,8 +1,8 @@
 """Text detection: an OCR engine per image, and the decision `has_text` under configurable thresholds.
 
 Engines (emopipe/core/text_engines/, the catalog's `text_engine`): `ppocr` (the default: PP-OCRv4 detector
-and recognizer as ONNX in onnxruntime, why in its module) and `easyocr` (CRAFT + EasyOCR's recognizer on
-torch, ~10x the CPU for the same recall on real photos).
+and recognizer as ONNX, in OpenVINO on the CPU and onnxruntime on a GPU; why in its module) and `easyocr`
+(CRAFT + EasyOCR's recognizer on torch, ~10x the CPU for the same recall on real photos).
 
 Input. Each image is decoded from its ORIGINAL bytes in the object store (EXIF-transposed, RGB,
 transparency flattened onto white), the whole image, its longer side scaled to the engine's

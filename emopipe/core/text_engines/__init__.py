@@ -10,9 +10,9 @@ of them the same way:
 - `make_reader(device, work_dir, precision, threads)`: a reader with `readtext(rgb) -> [(corners, text,
   confidence)]` and `readtext_batched(images, batch_size=n)`, EasyOCR's interface.
 
-Engines are imported only when used: each loads its own heavy libraries (torch, onnxruntime, OpenCV). Each
-engine's default min_confidence is in emopipe.catalog.ENGINE_MIN_CONFIDENCE (the catalog reads it without
-importing an engine).
+Engines are imported only when used: each loads its own heavy libraries (torch, OpenVINO, onnxruntime,
+OpenCV). Each engine's default min_confidence is in emopipe.catalog.ENGINE_MIN_CONFIDENCE (the catalog reads
+it without importing an engine).
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ many captions as EasyOCR at 384 px (117/120) for about a tenth of EasyOCR's fp32
 - its input (input_long_side): the longer side at 512 px, up or down, and a short side of at least 384 px
   (the longer side then up to 1024). At a plain 512 px longer side it found 115/120, at 384 px 108; at
   576-640 px for every image it found no more and read letters into cat's eyes and coins.
-- a min_confidence of 0.4 (emopipe.catalog.ENGINE_MIN_CONFIDENCE): its recognizer reads textures as short words at 0.2-0.4 ("oO",
-  "ra"), 4/120 false positives at 0.2 against 1/120 at 0.4, with no caption lost.
+- a min_confidence of 0.4 (emopipe.catalog.ENGINE_MIN_CONFIDENCE): its recognizer reads textures as short
+  words at 0.2-0.4 ("oO", "ra"), 4/120 false positives at 0.2 against 1/120 at 0.4, with no caption lost.
 
 On the CPU the two models run in OpenVINO, not in rapidocr's onnxruntime sessions: at one thread, the
 detector took 0.048 CPU-s per image of varied shapes in OpenVINO (bf16 on this AVX512-BF16/AMX CPU) against
