@@ -97,3 +97,13 @@ def test_explains_a_project_network():
     info = {"normalization": norm.as_dict()}
     heat = explain(net.eval(), info, _images(2), [0, 2], steps=8, device="cpu")
     assert heat.shape == (2, 32, 32) and np.isfinite(heat).all() and np.allclose(heat.max((1, 2)), 1.0)
+
+
+def test_stored_heatmaps_are_reused_only_for_their_key_and_bytes(tmp_path):
+    from emopipe.core.explanation_store import stored_heatmaps, write_heatmaps
+
+    written = write_heatmaps(tmp_path, "key1", [("a", "0" * 64, b"png-a"), ("b", "1" * 64, b"png-b")])
+    assert stored_heatmaps(tmp_path, "key1") == written and [h.file for h in written] == ["a-000000000000.png", "b-111111111111.png"]
+    assert stored_heatmaps(tmp_path, "key2") is None  # other model, images or settings
+    (tmp_path / written[0].file).write_bytes(b"changed")
+    assert stored_heatmaps(tmp_path, "key1") is None
