@@ -50,7 +50,8 @@ MODEL_IDS = {  # CPU kind -> training -> model id
 # in bf16 (CPUs with native bf16) and fp32 it decides one of the 800 images differently.
 DEMO_SPLIT_IDS = {"bf16": "37bb97134829d1451362309e8638002b2d472aa796daf8789d0564dbee3f44b3",
                   "fp32": "a57c1f2c60ba6a14933b517f158695aa3a764683d2d1824da46ec3445a2bf04c"}
-DEMO_MODEL_IDS = {"GenuineIntel avx512_bf16, 2 cores": "ec654a4c151bb518f87b2560223226ab76d79176063ec80d3a4744fa9a7ea657"}  # 6e0e4e29 with EasyOCR
+DEMO_MODEL_IDS = {"GenuineIntel avx512_bf16, 2 cores": "ec654a4c151bb518f87b2560223226ab76d79176063ec80d3a4744fa9a7ea657",  # 6e0e4e29 with EasyOCR
+                  "AuthenticAMD avx512_bf16, 2 cores": "cece54dcac04c0cd86da52fc1e62ee123a4c8bb5902af782fbb6d452140eeb56"}
 
 
 def cpu_kind() -> str:

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from emopipe.threads import available_cores, threads_per_worker
+from emopipe.allocator import keep_freed_memory
 from emopipe.atomic import atomic_write
 from emopipe.catalog import ExperimentSpec
 from emopipe.core.device_data import configure_cuda, pick_device
@@ -227,6 +228,7 @@ def _trial(config: dict, *, experiment: ExperimentSpec, data: TrainingData, feat
     with the config PBT gives."""
     from ray import tune
 
+    keep_freed_memory()
     torch.set_num_threads(threads)
     device = pick_device(None, lambda _: None)
     configure_cuda(device)

@@ -14,6 +14,8 @@ from pathlib import Path
 import easyocr
 import torch
 
+from emopipe.allocator import keep_freed_memory
+
 # Longer side of the OCR input. Measured with EasyOCR 1.7.2 on CPU at thresholds 0.2/0.001/2, on 13
 # skimage photos upscaled to 1024 px, each with a caption banner at 1/20 and at 1/32 of the side, meme text
 # and a faint semi-transparent watermark (52 with text, plus the "page" and "text" photos) and the 13
@@ -93,6 +95,7 @@ def make_reader(device: str, work_dir: Path, precision: str = "fp32", threads: i
     the reader exists."""
     import easyocr_en_models
 
+    keep_freed_memory()
     if threads:
         torch.set_num_threads(threads)
     with warnings.catch_warnings():

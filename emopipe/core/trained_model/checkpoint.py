@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 import emopipe
+from emopipe.allocator import keep_freed_memory
 from emopipe.atomic import atomic_write
 from emopipe.catalog import EvalDataset, ExperimentSpec, Reference, TextThresholds, TuneSpec
 from emopipe.core.device_data import DeviceBatches, InputPipeline, autocast
@@ -138,6 +139,7 @@ def _read_checkpoint(path: Path) -> tuple[dict, dict]:
 def predict(model: nn.Module, info: dict, x: np.ndarray, *, device: str | torch.device | None = None,
             batch_size: int = 256) -> np.ndarray:
     """Class probabilities (N, C), or regression outputs (N, T), for uint8 images (N, S, S, 3)."""
+    keep_freed_memory()
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.eval().to(device, memory_format=torch.channels_last)
     pipeline = InputPipeline(Normalization.from_dict(info["normalization"]), device)

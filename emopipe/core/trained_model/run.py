@@ -27,6 +27,7 @@ from typing import Callable
 
 import torch
 
+from emopipe.allocator import keep_freed_memory
 from emopipe.atomic import atomic_write
 from emopipe.catalog import ExperimentSpec
 from emopipe.core.device_data import Ranks, configure_cuda, describe_device, pick_device
@@ -115,6 +116,7 @@ def train_model(experiment: ExperimentSpec, data: TrainingData, *, split_id: str
     distributed.py); None: one process. Every rank returns the same TrainResult.
     """
     check_data(experiment, data)
+    keep_freed_memory()
     ranks = ranks or Ranks()
     run_dir, hyperparameters = run_directory(experiment, data, split_id, Path(work_dir), ranks.world_size)
     return _finished_or_run(experiment, data, split_id, run_dir, Path(work_dir), hyperparameters, device, log,
