@@ -353,3 +353,34 @@ def test_batched_padded_passes_decide_as_one_image_at_a_time(engine, reader, pho
             image_id = s.names[name]
             assert text.split()[-1].lower() in texts[1][image_id].lower()
             assert text.split()[-1].lower() in texts[4][image_id].lower()
+
+
+def test_ppocr_gpu_runtime_batched_decides_as_the_cpu_path(photos, tmp_path):
+    """The GPU path's code (rapidocr's onnxruntime sessions, 4 images padded onto the OCR square per detector
+    pass) run with onnxruntime's CPU provider: each image decided as the CPU path (OpenVINO, fp32, one image at
+    a time) decides it, and the captions read."""
+    from emopipe.core.text_engines.ppocr import OpenVinoModel, PpOcrReader
+
+    images = {"chelsea": "Missing you every day", "rocket": "LAUNCH 2024", "astronaut": "so sad today",
+              "coffee": None, "coins": None, "grass": None, "camera": None}
+    readers = {"openvino": CountingReader(PpOcrReader("cpu", 2, "fp32")),
+               "onnxruntime": CountingReader(PpOcrReader("cpu", 2, "fp32", runtime="onnxruntime"))}
+    sessions = readers["onnxruntime"].reader.ocr.text_det.infer, readers["onnxruntime"].reader.ocr.text_rec.session
+    assert not any(isinstance(m, OpenVinoModel) for m in sessions)
+    assert [m.session.get_providers()[0] for m in sessions] == ["CPUExecutionProvider"] * 2
+    decisions, texts = {}, {}
+    for runtime, reader in readers.items():
+        s = Store(tmp_path / runtime)
+        for name, text in images.items():
+            arr = caption(photos[name], text, at_top=name == "rocket") if text else photos[name]
+            s.add("t", name, encode(arr, "JPEG", quality=90), "joy", text is not None)
+        result = s.score(reader, engine="ppocr", precision="fp32", batch_size=4 if runtime == "onnxruntime" else 1)
+        decisions[runtime] = {name: s.scores(result.params_hash)[s.names[name]][0] for name in images}
+        with s.db.connect() as conn:
+            texts[runtime] = dict(conn.execute(
+                "SELECT i.source_uri, t.text FROM text_scores t JOIN images i USING (image_id)").fetchall())
+    assert readers["onnxruntime"].batches == [4, 3] and readers["openvino"].batches == []
+    assert decisions["onnxruntime"] == decisions["openvino"] == {name: text is not None for name, text in images.items()}
+    for name, text in images.items():
+        if text:
+            assert text.split()[-1].lower() in texts["onnxruntime"][name].lower(), texts["onnxruntime"][name]

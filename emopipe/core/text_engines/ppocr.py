@@ -125,12 +125,19 @@ class PpOcrReader:
     feeds the detector itself: images padded (never stretched) to a multiple of 32, several per pass. On the
     CPU, OpenVINO runs both models in place of rapidocr's onnxruntime sessions (why: the module docstring)."""
 
-    def __init__(self, device: str, threads: int, precision: str = "fp32"):
+    def __init__(self, device: str, threads: int, precision: str = "fp32", runtime: str | None = None):
+        """runtime: "openvino" (the CPU's, the default there) or "onnxruntime" (rapidocr's own sessions: the GPU's,
+        and on the CPU the way to run the GPU path's code with onnxruntime's CPU provider, as the tests do)."""
         import cv2
         from rapidocr_onnxruntime import RapidOCR
 
-        cv2.setNumThreads(threads)  # OpenCV's resize and warps: no threads beyond this process's share
         cuda = device == "cuda"
+        runtime = runtime or ("onnxruntime" if cuda else "openvino")
+        if runtime not in ("openvino", "onnxruntime") or (cuda and runtime == "openvino") or (
+                runtime == "onnxruntime" and precision != "fp32"):
+            raise ValueError(f"the ppocr engine runs in OpenVINO on the CPU (fp32 or bf16) or in onnxruntime (fp32), "
+                             f"not {runtime} in {precision} on {device}")
+        cv2.setNumThreads(threads)  # OpenCV's resize and warps: no threads beyond this process's share
         self.ocr = RapidOCR(
             det_model_path=str(model_path(DETECTOR_FILE)), rec_model_path=str(model_path(RECOGNIZER_FILE)),
             intra_op_num_threads=threads, inter_op_num_threads=1, det_use_cuda=cuda, rec_use_cuda=cuda,
@@ -140,7 +147,7 @@ class PpOcrReader:
         if cuda and provider != "CUDAExecutionProvider":
             raise RuntimeError(f"device cuda asked for, but onnxruntime runs on {provider}: install onnxruntime-gpu "
                                "(in place of onnxruntime) for the GPU path")
-        if not cuda:
+        if runtime == "openvino":
             self.ocr.text_det.infer = OpenVinoModel(model_path(DETECTOR_FILE), threads, precision)
             self.ocr.text_rec.session = OpenVinoModel(model_path(RECOGNIZER_FILE), threads, precision)
 
