@@ -89,7 +89,10 @@ def test_a_second_run_reuses_evaluation_and_explanations_until_an_input_changes(
     assert query(db, metric_rows) == before
     metadata = {e.asset_key.to_user_string(): e.event_specific_data.materialization.metadata
                 for e in again.get_asset_materialization_events()}
-    assert metadata["evaluation"]["reused"].value == ["wiring/test", "wiring/val"]
+    first_metadata = {e.asset_key.to_user_string(): e.event_specific_data.materialization.metadata
+                      for e in first.get_asset_materialization_events()}
+    assert first_metadata["evaluation"]["reused"].value == "none: every part evaluated now"
+    assert metadata["evaluation"]["reused"].value == "wiring/test, wiring/val"
     assert metadata["explanations"]["reused"].value is True
     assert again.output_for_node("explanations") == first.output_for_node("explanations")
 

@@ -98,7 +98,7 @@ def evaluation(context: dg.AssetExecutionContext, duckdb: DuckDBResource, traine
     headline = headline_markdown(rows, exp.reference, reference_dataset=exp.dataset)
     metadata = {
         "summary": _summary(rows, exp.dataset, reused),
-        "reused": reused,
+        "reused": ", ".join(reused) or "none: every part evaluated now",  # text: the UI shows a list as JSON
         "model_id": trained_model["model_id"],
         "split_id": split_id,
         "headline": dg.MetadataValue.md(headline),
