@@ -8,9 +8,10 @@ with 2 cores: at batch 128, 37 images/s with more CPU time in the kernel than in
 images); with malloc's mmap off (M_MMAP_MAX 0) and the heap trimmed only when 2 GiB lie free at its top
 (M_TRIM_THRESHOLD), 108 images/s and no faults; batch 16, 60 -> 117 images/s. The results are the same (where
 memory comes from does not change the arithmetic; the pinned checkpoints in test_pins.py check it). The cost:
-a process keeps up to 2 GiB of freed memory beyond what it uses, so this is set only in processes that run
-models. jemalloc or tcmalloc would do the same but must be preloaded before the process starts (LD_PRELOAD),
-which no Dagster step can do for itself; mallopt takes effect at once.
+freed memory goes back to the kernel only from the top of the heap once 2 GiB lie free there, so a process's
+resident size stays near its peak; hence this is set only in processes that run models, whose peak is their
+arrays and activations anyway. jemalloc or tcmalloc would do the same but must be preloaded before the process
+starts (LD_PRELOAD), which no Dagster step can do for itself; mallopt takes effect at once.
 """
 
 from __future__ import annotations
