@@ -321,14 +321,23 @@ def test_easyocr_engine_bf16_and_fp32_decide_alike_and_engines_never_mix(store, 
         assert conn.execute("SELECT count(DISTINCT engine), count(*) FROM ocr_results").fetchone() == (3, 33)
 
 
-@pytest.mark.parametrize("engine", ["ppocr", "easyocr"])
-def test_batched_padded_passes_decide_as_one_image_at_a_time(engine, reader, photos, tmp_path):
+@pytest.mark.parametrize("engine, runtime", [("ppocr", None), ("ppocr", "onnxruntime"), ("easyocr", None)])
+def test_batched_padded_passes_decide_as_one_image_at_a_time(engine, runtime, reader, photos, tmp_path):
     """The GPU path's batching, run on the CPU: images of different shapes padded onto the OCR square,
     4 per detector pass, decide as readtext does one at a time, read the same captions, and are cached
-    under their own engine."""
+    under their own engine. runtime "onnxruntime": ppocr's GPU code itself (rapidocr's onnxruntime sessions,
+    here with onnxruntime's CPU provider), which must decide as the OpenVINO CPU path (both give the truth)."""
     module = text_engine(engine)
     precision = module.default_precision("cpu")
-    if engine != FAST_ENGINE:
+    if runtime == "onnxruntime":
+        from emopipe.core.text_engines.ppocr import OpenVinoModel, PpOcrReader
+
+        precision = "fp32"
+        reader = CountingReader(PpOcrReader("cpu", 2, precision, runtime=runtime))
+        sessions = reader.reader.ocr.text_det.infer, reader.reader.ocr.text_rec.session
+        assert not any(isinstance(m, OpenVinoModel) for m in sessions)
+        assert [m.session.get_providers()[0] for m in sessions] == ["CPUExecutionProvider"] * 2
+    elif engine != FAST_ENGINE:
         reader = CountingReader(module.make_reader("cpu", tmp_path, precision))
     images = {"chelsea": "Missing you every day", "rocket": "LAUNCH 2024", "astronaut": "so sad today",
               "coffee": None, "coins": None, "grass": None, "camera": None}
@@ -339,7 +348,7 @@ def test_batched_padded_passes_decide_as_one_image_at_a_time(engine, reader, pho
             arr = caption(photos[name], text, at_top=name == "rocket") if text else photos[name]
             s.add("t", name, encode(arr, "JPEG", quality=90), "joy", text is not None)
         reader.batches.clear()
-        results[batch_size] = s.score(reader, engine=engine, batch_size=batch_size)
+        results[batch_size] = s.score(reader, engine=engine, precision=precision, batch_size=batch_size)
         assert {i: v[0] for i, v in s.scores(results[batch_size].params_hash).items()} == s.truth
         with s.db.connect() as conn:
             texts[batch_size] = {s.names[n]: t for n, t in conn.execute(
@@ -354,33 +363,3 @@ def test_batched_padded_passes_decide_as_one_image_at_a_time(engine, reader, pho
             assert text.split()[-1].lower() in texts[1][image_id].lower()
             assert text.split()[-1].lower() in texts[4][image_id].lower()
 
-
-def test_ppocr_gpu_runtime_batched_decides_as_the_cpu_path(photos, tmp_path):
-    """The GPU path's code (rapidocr's onnxruntime sessions, 4 images padded onto the OCR square per detector
-    pass) run with onnxruntime's CPU provider: each image decided as the CPU path (OpenVINO, fp32, one image at
-    a time) decides it, and the captions read."""
-    from emopipe.core.text_engines.ppocr import OpenVinoModel, PpOcrReader
-
-    images = {"chelsea": "Missing you every day", "rocket": "LAUNCH 2024", "astronaut": "so sad today",
-              "coffee": None, "coins": None, "grass": None, "camera": None}
-    readers = {"openvino": CountingReader(PpOcrReader("cpu", 2, "fp32")),
-               "onnxruntime": CountingReader(PpOcrReader("cpu", 2, "fp32", runtime="onnxruntime"))}
-    sessions = readers["onnxruntime"].reader.ocr.text_det.infer, readers["onnxruntime"].reader.ocr.text_rec.session
-    assert not any(isinstance(m, OpenVinoModel) for m in sessions)
-    assert [m.session.get_providers()[0] for m in sessions] == ["CPUExecutionProvider"] * 2
-    decisions, texts = {}, {}
-    for runtime, reader in readers.items():
-        s = Store(tmp_path / runtime)
-        for name, text in images.items():
-            arr = caption(photos[name], text, at_top=name == "rocket") if text else photos[name]
-            s.add("t", name, encode(arr, "JPEG", quality=90), "joy", text is not None)
-        result = s.score(reader, engine="ppocr", precision="fp32", batch_size=4 if runtime == "onnxruntime" else 1)
-        decisions[runtime] = {name: s.scores(result.params_hash)[s.names[name]][0] for name in images}
-        with s.db.connect() as conn:
-            texts[runtime] = dict(conn.execute(
-                "SELECT i.source_uri, t.text FROM text_scores t JOIN images i USING (image_id)").fetchall())
-    assert readers["onnxruntime"].batches == [4, 3] and readers["openvino"].batches == []
-    assert decisions["onnxruntime"] == decisions["openvino"] == {name: text is not None for name, text in images.items()}
-    for name, text in images.items():
-        if text:
-            assert text.split()[-1].lower() in texts["onnxruntime"][name].lower(), texts["onnxruntime"][name]
