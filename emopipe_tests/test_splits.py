@@ -15,7 +15,7 @@ from PIL import Image
 
 from emopipe.core.perceptual_hashes import perceptual_hash
 from emopipe.core.near_duplicates import duplicate_groups
-from emopipe.core.splits import PARTS, SplitError, assign_parts, make_split, parse_scheme
+from emopipe.core.splits import PARTS, SplitError, assign_parts, make_split, parse_scheme, parts_by_rank
 from emopipe.core.split_is_sound import verify_split
 from emopipe.fingerprint import sha256_bytes
 from emopipe_tests.conftest import encode
@@ -201,6 +201,24 @@ def test_images_without_groups_split_as_groups_of_one_would(ratios):
     assert fast.rows["image_id"].to_pylist() == sorted(ids)
     assert (fast.counts, fast.small_classes, fast.notes, fast.n_groups_merged) == (units.counts, units.small_classes, [], 0)
     assert len(fast.small_classes) == 1 and "'tiny'" in fast.small_classes[0]
+
+
+@pytest.mark.parametrize("rank_values", [2**64 - 1, 40, 3])
+def test_the_cut_by_selection_equals_a_full_sort(rank_values):
+    """parts_by_rank against the order it stands for, np.lexsort by (label, rank, position), with ranks
+    from a range so small that ties fall on the cuts (40, 3) and one where they do not."""
+    rng = np.random.default_rng(rank_values)
+    codes = rng.choice(4, 3000, p=[0.5, 0.3, 0.199, 0.001]).astype(np.int8)
+    ranks = rng.integers(0, rank_values, len(codes), dtype=np.uint64, endpoint=True)
+    sizes = np.bincount(codes, minlength=4)
+    b1, b2 = sizes * 7 // 10, sizes * 85 // 100
+    b1[2] = b2[2] = sizes[2]  # a class kept whole in train
+    order = np.lexsort((np.arange(len(codes)), ranks, codes))
+    place = np.empty(len(codes), np.int64)
+    place[order] = np.arange(len(codes)) - (np.cumsum(sizes) - sizes)[codes[order]]
+    expected = (place >= b1[codes]).astype(np.int8) + (place >= b2[codes])
+    assert parts_by_rank(codes, ranks, b1, b2).tolist() == expected.tolist()
+    assert np.bincount(expected, minlength=3).min() > 0
 
 
 def test_zero_shares_and_bad_schemes(db):

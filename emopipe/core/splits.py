@@ -231,10 +231,10 @@ def _assign_single_images(items: pa.Table, ratios: tuple[int, int, int], seed: i
     """assign_parts where every image is its own unit (key = image_id, stratum = label, size 1) and items
     are sorted by image_id. Each part then gets exactly its target, so no part is emptied by a large group.
 
-    The targets and the md5 ranks come from DuckDB (the ranks computed in parallel), the rank-and-cut is a
-    numpy sort: DuckDB's window over (label, rank) plus the sort back into image_id order cost ~0.35 s of the
-    split's ~0.6 s at 1M images, the numpy sort 0.1 s. Ties in rank go by position, which is the image_id
-    order, as in the SQL of grouped splits."""
+    The targets and the md5 ranks come from DuckDB (the ranks computed in parallel), the cut is numpy
+    (`parts_by_rank`): DuckDB's window over (label, rank) plus the sort back into image_id order cost ~0.35 s
+    of the split's ~0.6 s at 1M images, the numpy cut 0.03 s. Ties in rank go by position, which is the
+    image_id order, as in the SQL of grouped splits."""
     with scratch() as conn:
         conn.register("items", items)
         _stage_parts(conn, ratios)
@@ -251,12 +251,7 @@ def _assign_single_images(items: pa.Table, ratios: tuple[int, int, int], seed: i
             f"WITH {_BOUNDS} SELECT stratum, b1, b2, s.stratum IS NOT NULL FROM bounds LEFT JOIN small s USING (stratum)").fetchall()}
         b1, b2, small = (np.array([cuts[label][k] for label in labels]) for k in range(3))
         codes = encoded.indices.to_numpy()
-        order = _by_label_then_rank(codes, ranks)
-        sorted_codes = codes[order]
-        sizes = np.bincount(codes, minlength=len(labels))
-        start = np.arange(len(codes)) - (np.cumsum(sizes) - sizes)[sorted_codes]  # place within its label
-        part = np.empty(len(codes), np.int8)
-        part[order] = np.where(small[sorted_codes], 0, (start >= b1[sorted_codes]).astype(np.int8) + (start >= b2[sorted_codes]))
+        part = parts_by_rank(codes, ranks, np.where(small, len(codes), b1), np.where(small, len(codes), b2))
         rows = pa.table({"image_id": items["image_id"], "label": items["label"], "key": items["image_id"],
                          "official": items["official"], "part": pc.take(pa.array(PARTS), pa.array(part))})
         per_label = np.bincount(codes.astype(np.int64) * len(PARTS) + part, minlength=len(labels) * len(PARTS))
@@ -266,14 +261,27 @@ def _assign_single_images(items: pa.Table, ratios: tuple[int, int, int], seed: i
         return Assignment(rows, counts, 0, small_classes, notes)
 
 
-def _by_label_then_rank(codes: np.ndarray, ranks: np.ndarray) -> np.ndarray:
-    """The order by (label code, rank), ties in rank by position: np.lexsort((ranks, codes)), but as a
-    quicksort of the ranks and a stable (radix) sort of the small codes, 2x faster, where no two ranks tie."""
-    by_rank = np.argsort(ranks)
-    sorted_ranks = ranks[by_rank]
-    if np.any(sorted_ranks[1:] == sorted_ranks[:-1]):  # quicksort may have swapped the tied ones
-        return np.lexsort((ranks, codes))
-    return by_rank[np.argsort(codes[by_rank], kind="stable")]
+def parts_by_rank(codes: np.ndarray, ranks: np.ndarray, b1: np.ndarray, b2: np.ndarray) -> np.ndarray:
+    """Each row's part (0 train, 1 val, 2 test): within its label (code k), the rows ordered by rank, ties
+    by position, are train below place b1[k], val below b2[k], test from there.
+
+    Only the rows on either side of the two cuts matter, not the order within a part, so each label takes
+    two O(n) selections (np.partition) instead of a sort: 1M rows, 0.03 s instead of 0.12 s. Where a rank
+    at a cut ties with one below it, that label is ordered in full (a stable sort keeps ties by position)."""
+    by_label = np.argsort(codes, kind="stable")  # a radix sort of the small codes; positions stay ascending
+    sizes = np.bincount(codes, minlength=len(b1))
+    part = np.zeros(len(codes), np.int8)
+    for label, end in enumerate(np.cumsum(sizes)):
+        members = by_label[end - sizes[label]:end]
+        label_ranks = ranks[members]
+        cuts = [bound for bound in (b1[label], b2[label]) if bound < len(members)]
+        above = [label_ranks >= np.partition(label_ranks, bound)[bound] for bound in cuts]
+        if any(len(members) - int(a.sum()) != bound for a, bound in zip(above, cuts)):
+            place = np.empty(len(members), np.int64)
+            place[np.argsort(label_ranks, kind="stable")] = np.arange(len(members))
+            above = [place >= bound for bound in cuts]
+        part[members] = np.count_nonzero(above, axis=0) if above else 0
+    return part
 
 
 def _part_counts(conn) -> dict[str, dict[str, int]]:
