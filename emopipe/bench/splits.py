@@ -1,13 +1,18 @@
-"""`python -m emopipe.bench splits [--rows N]`: the DuckDB split of a synthetic N-row manifest against the
-same stratified rank-and-cut in numpy (same run, same data), checked to give the identical assignment;
-then make_split end to end on a DuckDB file (its split id checked against the reference's), and
-near-duplicate grouping against brute force. Exits 1 if an assignment differs from the reference."""
+"""`python -m emopipe.bench splits [--rows N] [--repeats R]`: the DuckDB split of a synthetic N-row manifest
+against the same stratified rank-and-cut in numpy (same run, same data), checked to give the identical
+assignment; then make_split end to end on a DuckDB file against the reference, R times with seeds 0..R-1 (each
+run writes its own split, and its split id is checked against the reference's for that seed); then
+near-duplicate grouping against brute force. Exits 1 if an assignment or split id differs from the reference.
+
+The make_split ratio is the median of the R runs' ratios: on a shared 2-core machine one run's wall time moves
+by 20-40 % with what else runs, which a single pair of timings cannot tell from a change in the code."""
 
 from __future__ import annotations
 
 import argparse
 import hashlib
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -67,6 +72,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--classes", type=int, default=8)
     parser.add_argument("--scheme", default="80/10/10")
+    parser.add_argument("--repeats", type=int, default=3, help="make_split runs against the reference, seeds 0..R-1 (default 3)")
     parser.add_argument("--hashes", type=int, default=100_000, help="images for the near-duplicate grouping figure")
     args = parser.parse_args(argv)
     ratios = tuple(int(p) for p in args.scheme.split("/"))
@@ -74,8 +80,14 @@ def main(argv: list[str]) -> int:
 
     items = synthetic_manifest(args.rows, args.classes, seed)
     done, t_duck = timed(assign_parts, items, None, ratios, seed)
-    ids = np.array(items["image_id"].to_pylist(), dtype="U64")
-    reference, t_numpy = timed(numpy_split, ids, np.array(items["label"].to_pylist()), ratios, seed)
+    ids, labels = np.array(items["image_id"].to_pylist(), dtype="U64"), np.array(items["label"].to_pylist())
+
+    def reference_run(run_seed: int) -> tuple[np.ndarray, float, float]:
+        parts, wall = timed(numpy_split, ids, labels, ratios, run_seed)
+        return parts, wall, CPU_SECONDS["numpy_split"]
+
+    first_reference = reference_run(seed)
+    reference, t_numpy, _ = first_reference
     duck_parts = dict(zip(done.rows["image_id"].to_pylist(), done.rows["part"].to_pylist()))
     identical = all(duck_parts[i] == p for i, p in zip(ids.tolist(), reference))
     print(f"split of {args.rows:,} rows, {args.classes} classes, {args.scheme} "
@@ -84,6 +96,7 @@ def main(argv: list[str]) -> int:
     print(f"  numpy reference             {t_numpy:7.2f} s   ({CPU_SECONDS['numpy_split']:.2f} s CPU; md5 ranks in a Python loop, lexsort, cut)")
     print(f"  ratio numpy / DuckDB        {t_numpy / t_duck:7.2f} x   identical assignment: {'yes' if identical else 'NO'}")
 
+    ratios_by_run, all_same = [], True
     with tempfile.TemporaryDirectory() as tmp:
         db = Database(Path(tmp) / "bench.duckdb")
         with db.transaction() as conn:
@@ -93,11 +106,18 @@ def main(argv: list[str]) -> int:
             conn.execute("INSERT INTO images (image_id, dataset, source_uri, label) SELECT image_id, 'bench', image_id, label FROM manifest")
             conn.execute("INSERT INTO filter_runs (filter_id, experiment, dataset, params_hash) VALUES ('all', 'bench', 'bench', 'none')")
             conn.execute("INSERT INTO filtered_images SELECT 'all', image_id FROM manifest")
-        result, t_make = timed(make_split, db, experiment="bench", dataset="bench", filter_id="all", scheme=args.scheme, seed=seed)
-    same_split = result.split_id == table_fingerprint(pa.table({"image_id": items["image_id"], "part": reference}))
-    print(f"  make_split end to end       {t_make:7.2f} s   ({CPU_SECONDS['make_split']:.2f} s CPU; read, split, "
-          f"fingerprints, write {result.n_images:,} rows)")
-    print(f"  ratio numpy / make_split    {t_numpy / t_make:7.2f} x   split id the reference's: {'yes' if same_split else 'NO'}")
+        for run_seed in range(args.repeats):
+            reference, t_numpy, cpu_numpy = first_reference if run_seed == seed else reference_run(run_seed)
+            result, t_make = timed(make_split, db, experiment="bench", dataset="bench", filter_id="all",
+                                   scheme=args.scheme, seed=run_seed)
+            same_split = result.split_id == table_fingerprint(pa.table({"image_id": items["image_id"], "part": reference}))
+            all_same &= same_split
+            ratios_by_run.append(t_numpy / t_make)
+            print(f"  seed {run_seed}: numpy reference {t_numpy:5.2f} s ({cpu_numpy:.2f} s CPU), make_split end to end "
+                  f"{t_make:5.2f} s ({CPU_SECONDS['make_split']:.2f} s CPU; read, split, fingerprints, write "
+                  f"{result.n_images:,} rows): {t_numpy / t_make:.2f} x, split id the reference's: {'yes' if same_split else 'NO'}")
+    print(f"  ratio numpy / make_split    {statistics.median(ratios_by_run):7.2f} x   (median of {args.repeats} runs, "
+          f"{min(ratios_by_run):.2f}-{max(ratios_by_run):.2f}; split ids the reference's: {'yes' if all_same else 'NO'})")
 
     n = args.hashes
     rng = np.random.default_rng(seed)
@@ -113,4 +133,4 @@ def main(argv: list[str]) -> int:
     print(f"near-duplicate groups (distance <= 4) of {n:,} hashes: {t_groups:.2f} s, {n - len(set(groups.values())):,} images merged")
     print(f"  on {sample:,}: band LSH {t_lsh_sample:.2f} s vs brute-force pairs {t_brute:.2f} s "
           f"({t_brute / t_lsh_sample:.1f} x; brute force grows with n^2, {(n / sample) ** 2:.0f}x more at {n:,})")
-    return 0 if identical and same_split else 1
+    return 0 if identical and all_same else 1
