@@ -15,7 +15,8 @@ from PIL import Image
 
 from emopipe.core.perceptual_hashes import perceptual_hash
 from emopipe.core.near_duplicates import duplicate_groups
-from emopipe.core.splits import PARTS, SplitError, assign_parts, make_split, parse_scheme, parts_by_rank
+from emopipe.core.splits import (PARTS, SplitError, assign_parts, load_filtered, make_split, parse_scheme,
+                                 parts_by_rank)
 from emopipe.core.split_is_sound import verify_split
 from emopipe.fingerprint import sha256_bytes
 from emopipe_tests.conftest import encode
@@ -219,6 +220,33 @@ def test_the_cut_by_selection_equals_a_full_sort(rank_values):
     expected = (place >= b1[codes]).astype(np.int8) + (place >= b2[codes])
     assert parts_by_rank(codes, ranks, b1, b2).tolist() == expected.tolist()
     assert np.bincount(expected, minlength=3).min() > 0
+
+
+def test_filtered_rows_stored_in_any_order_give_one_split(db):
+    """filter_images stores a kept set in image_id order and load_filtered reads it without a sort; rows
+    stored in another order are sorted first, to the same split."""
+    labels = class_sizes({"a": 40, "b": 25, "c": 7})
+    ids = sorted(labels)
+    add_images(db, {i: labels[i] for i in ids}, "in order")
+    add_images(db, {i: labels[i] for i in reversed(ids)}, "reversed")
+    with db.connect() as conn:
+        read = [load_filtered(conn, DATASET, f, "split") for f in ("in order", "reversed")]
+    assert read[0].equals(read[1]) and read[0]["image_id"].to_pylist() == ids
+    assert read[0]["label"].to_pylist() == [labels[i] for i in ids]
+    in_order, reversed_ = split(db, filter_id="in order"), split(db, filter_id="reversed")
+    assert (in_order.split_id, in_order.input_fingerprint) == (reversed_.split_id, reversed_.input_fingerprint)
+
+
+def test_a_filter_that_keeps_other_images_or_none_is_refused(db):
+    add_images(db, class_sizes({"a": 10}), "f1")
+    stranger = image_id("not in the dataset")
+    with db.transaction() as conn:
+        conn.execute("INSERT INTO filtered_images VALUES ('f1', ?)", [stranger])
+        conn.execute("INSERT INTO filter_runs (filter_id, experiment, dataset, params_hash) VALUES ('none kept', 'exp', ?, 'p')", [DATASET])
+    with pytest.raises(SplitError, match=f"1 filtered images are not images of dataset 'synth' \\(e.g. {stranger}\\)"):
+        split(db)
+    with pytest.raises(SplitError, match="'none kept' of dataset 'synth' kept no images"):
+        split(db, filter_id="none kept")
 
 
 def test_zero_shares_and_bad_schemes(db):

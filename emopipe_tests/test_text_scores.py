@@ -200,6 +200,9 @@ def test_filter_keeps_images_without_text(store):
     off = filter_images(store.db, experiment="e1", dataset="t", text_filter=False, params_hash=None, params=None)
     assert kept_image_ids(store.db, off.filter_id) == sorted(store.ids())
     assert (off.n_kept, off.n_removed, off.n_unreadable, off.removed_per_class) == (12, 0, 0, {})
+    with store.db.connect() as conn:  # stored in image_id order, which splits.load_filtered reads without a sort
+        assert [r[0] for r in conn.execute("SELECT image_id FROM filtered_images WHERE filter_id = ?",
+                                           [off.filter_id]).fetchall()] == sorted(store.ids())
 
     # Content-addressed: another experiment with the same settings gets the same set, recorded for both.
     twin = filter_images(store.db, experiment="e2", dataset="t", text_filter=True, params_hash=key, params=params)

@@ -13,6 +13,8 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
+import pyarrow as pa
+
 from emopipe.db import Database
 from emopipe.fingerprint import table_fingerprint
 
@@ -108,10 +110,13 @@ def filter_images(
             " input_fingerprint, n_input, n_kept, n_removed, n_unreadable) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11)",
             [filter_id, experiment, dataset, text_filter, key, json.dumps(params) if text_filter and params else None,
              result.input_fingerprint, result.n_input, result.n_kept, result.n_removed, result.n_unreadable])
-        if kept:
-            conn.execute(
-                "INSERT OR IGNORE INTO filtered_images (filter_id, image_id) SELECT $1, unnest($2::VARCHAR[])",
-                [filter_id, kept])
+        stored = conn.execute("SELECT count(*) FROM filtered_images WHERE filter_id = ?", [filter_id]).fetchall()[0][0]
+        if kept and not stored:  # a filter_id names its kept set: rows stored under it are these already
+            # In image_id order (`kept` is sorted; a plain INSERT keeps that order, INSERT OR IGNORE does not),
+            # which splits.load_filtered then reads without a sort.
+            conn.register("kept_images", pa.table({"image_id": pa.array(kept, pa.string())}))
+            conn.execute("INSERT INTO filtered_images (filter_id, image_id) SELECT ?, image_id FROM kept_images", [filter_id])
+            conn.unregister("kept_images")
     return result
 
 
