@@ -268,7 +268,9 @@ def parts_by_rank(codes: np.ndarray, ranks: np.ndarray, b1: np.ndarray, b2: np.n
     Only the rows on either side of the two cuts matter, not the order within a part, so each label takes
     two O(n) selections (np.partition) instead of a sort: 1M rows, 0.03 s instead of 0.12 s. Where a rank
     at a cut ties with one below it, that label is ordered in full (a stable sort keeps ties by position)."""
-    by_label = np.argsort(codes, kind="stable")  # a radix sort of the small codes; positions stay ascending
+    # Stable, so positions stay ascending within a label; numpy sorts 16-bit integers by radix (1M rows: 0.008 s,
+    # 0.026 s as int32).
+    by_label = np.argsort(codes.astype(np.uint16) if len(b1) <= 1 << 16 else codes, kind="stable")
     sizes = np.bincount(codes, minlength=len(b1))
     part = np.zeros(len(codes), np.int8)
     for label, end in enumerate(np.cumsum(sizes)):
