@@ -365,4 +365,3 @@ def test_batched_padded_passes_decide_as_one_image_at_a_time(engine, runtime, re
             image_id = s.names[name]
             assert text.split()[-1].lower() in texts[1][image_id].lower()
             assert text.split()[-1].lower() in texts[4][image_id].lower()
-

@@ -20,6 +20,7 @@ from captum.attr import IntegratedGradients
 from torch import nn
 
 from emopipe.allocator import keep_freed_memory
+from emopipe.core.device_data import pick_device
 from emopipe.core.models import Normalization
 
 OVERLAY_MIN_SIZE = 256  # 32 px images are upscaled so the heatmap can be seen
@@ -50,7 +51,7 @@ def explain(model: nn.Module, info: dict, images: np.ndarray, targets: Sequence[
     if images.ndim != 4 or images.shape[-1] != 3 or len(images) != len(targets):
         raise ValueError(f"expected uint8 images (N, S, S, 3) and N targets, got {images.shape} and {len(targets)}")
     keep_freed_memory()
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(device, log=lambda _: None)
     net = PixelInput(model, Normalization.from_dict(info["normalization"])).eval().to(device)
     ig = IntegratedGradients(net)
     out = []

@@ -26,7 +26,6 @@ from typing import Callable
 import numpy as np
 import torch
 
-from emopipe.threads import available_cores, threads_per_worker
 from emopipe.allocator import keep_freed_memory
 from emopipe.atomic import atomic_write
 from emopipe.catalog import ExperimentSpec
@@ -37,6 +36,7 @@ from emopipe.core.trained_model.features import probe_features
 from emopipe.errors import UserError
 from emopipe.fingerprint import params_hash
 from emopipe.paths import data_dir
+from emopipe.threads import available_cores, threads_per_worker
 
 Log = Callable[[str], None]
 # AF_UNIX socket paths are limited to 107 bytes; Ray puts its sockets in <temp>/session_<time>_<pid>/sockets/.

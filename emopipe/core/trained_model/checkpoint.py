@@ -21,7 +21,7 @@ import emopipe
 from emopipe.allocator import keep_freed_memory
 from emopipe.atomic import atomic_write
 from emopipe.catalog import EvalDataset, ExperimentSpec, Reference, TextThresholds, TuneSpec
-from emopipe.core.device_data import DeviceBatches, InputPipeline, autocast
+from emopipe.core.device_data import DeviceBatches, InputPipeline, autocast, pick_device
 from emopipe.core.models import Normalization
 from emopipe.core.trained_model.data import TrainingError
 from emopipe.core.trained_model.network import build_net
@@ -140,7 +140,7 @@ def predict(model: nn.Module, info: dict, x: np.ndarray, *, device: str | torch.
             batch_size: int = 256) -> np.ndarray:
     """Class probabilities (N, C), or regression outputs (N, T), for uint8 images (N, S, S, 3)."""
     keep_freed_memory()
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(device, log=lambda _: None)
     model.eval().to(device, memory_format=torch.channels_last)
     pipeline = InputPipeline(Normalization.from_dict(info["normalization"]), device)
     source = DeviceBatches(x, None, device)
