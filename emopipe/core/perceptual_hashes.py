@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
-import scipy.fft
 
 from emopipe.core.images import load_array
 from emopipe.db import Database
@@ -21,6 +20,8 @@ def perceptual_hash(thumbs: np.ndarray, chunk: int = CHUNK) -> np.ndarray:
     The imagehash recipe: luma, 2-D DCT-II, the 8x8 lowest frequencies, one bit per coefficient
     above their median. Bits are packed row-major, first coefficient in the highest bit.
     """
+    import scipy.fft  # here, not at module level: 0.13 s of every step's definitions import
+
     if thumbs.ndim != 4 or thumbs.shape[1:] != (32, 32, 3):
         raise ValueError(f"expected (N, 32, 32, 3) thumbnails, got shape {thumbs.shape}")
     out = np.empty(len(thumbs), dtype=np.uint64)
